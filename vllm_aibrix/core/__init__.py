@@ -1,0 +1,1 @@
+"""Engine-agnostic cache core. Nothing under this package imports vLLM."""
