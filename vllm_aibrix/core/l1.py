@@ -165,6 +165,9 @@ class L1Index:
                     if k in self._slot:
                         prev = k
                         continue
+                    # Before making room: S3FIFO decides here whether the key
+                    # is one its ghost queue remembers.
+                    self.policy.on_miss(k)
                     slot = self._allocate()
                     if slot is None:
                         self.stats.insert_failures += 1
@@ -174,12 +177,16 @@ class L1Index:
                     if prev is not None and prev in self._slot:
                         self._children.setdefault(prev, set()).add(k)
                     placed.append((k, slot))
+                    if not self.prefix_aware:
+                        # Plain mode: exactly the policy's own miss sequence.
+                        self.policy.on_insert(k)
                     prev = k
             finally:
                 self._inserting = set()
-            order = reversed(placed) if self.prefix_aware else placed
-            for k, _ in order:
-                self.policy.on_insert(k)
+            if self.prefix_aware:
+                # Tail first, so the chain's head is the most recent entry.
+                for k, _ in reversed(placed):
+                    self.policy.on_insert(k)
             self.stats.inserts += len(placed)
             for k, slot in placed:
                 self.listener.on_inserted(k, slot)

@@ -10,8 +10,9 @@ entry = one cache block). It reports two events to its owner:
   turns it into an ``evicted`` event with the slot attached.
 
 The simulator-facing entry point is :meth:`access` (hit -> refresh, miss ->
-evict until there is room, insert), which has exactly libCacheSim's
-semantics for unit-size objects, so miss ratios can be compared 1:1.
+note the miss, evict until there is room, insert), which has exactly
+libCacheSim's semantics for unit-size objects, so miss ratios can be compared
+1:1 (tests/unit/test_policy_exactness.py does).
 """
 
 from __future__ import annotations
@@ -48,6 +49,16 @@ class EvictionPolicy(ABC):
     def on_hit(self, key: Hashable) -> None:
         """A resident key was accessed."""
 
+    def on_miss(self, key: Hashable) -> None:
+        """A key that is not resident was requested and is about to be inserted.
+
+        Called *before* the owner makes room (evicts) for it. Policies that
+        remember evicted keys (S3FIFO's ghost queue) must decide here whether
+        the key is a returning one: the evictions that make room could
+        otherwise push it out of that memory first. Default: nothing.
+        """
+        return None
+
     @abstractmethod
     def on_insert(self, key: Hashable) -> None:
         """A new key became resident. The owner made room first (len < capacity)."""
@@ -70,6 +81,7 @@ class EvictionPolicy(ABC):
         if key in self:
             self.on_hit(key)
             return True
+        self.on_miss(key)
         while len(self) >= self.capacity:
             if self.evict() is None:  # pragma: no cover - cannot happen without skip
                 break
