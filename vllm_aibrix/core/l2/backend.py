@@ -78,6 +78,15 @@ class L2BackendBase(ABC):
     def put_many(self, items: Sequence[tuple[bytes, Buffer]]) -> None:
         """Write (overwrite) every ``(key, value)``; raise on failure."""
 
+    def put_many_parts(self, items: Sequence[tuple[bytes, Sequence[Buffer]]]) -> None:
+        """Like :meth:`put_many`, each value given as parts written back to back.
+
+        The store hands values as (header, payload) so that a backend able to
+        send a vector of buffers (Redis, disk) never copies the payload. The
+        default joins the parts (one copy) and calls :meth:`put_many`.
+        """
+        self.put_many([(key, b"".join(parts)) for key, parts in items])
+
     @abstractmethod
     def delete(self, keys: Sequence[bytes]) -> None:
         """Remove keys; missing keys are not an error."""

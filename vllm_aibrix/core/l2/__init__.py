@@ -1,0 +1,1 @@
+"""The second (shared/remote) tier: backends, value codec, store, ingestion."""
