@@ -30,6 +30,42 @@ def as_block_bytes(kv: torch.Tensor, block_bytes: int) -> torch.Tensor:
     return flat
 
 
+# Runs at least this long are copied by torch, which splits a large copy over
+# its intra-op threads; shorter ones go through numpy, whose per-call overhead
+# is a fraction of torch's (it dominates for 64 KiB blocks).
+_TORCH_RUN_BYTES = 1 << 20
+
+
+def copy_rows(
+    dst: torch.Tensor, dst_rows: Sequence[int], src: torch.Tensor, src_rows: Sequence[int]
+) -> None:
+    """``dst[dst_rows[i]] = src[src_rows[i]]`` for every i (2-D uint8 tensors).
+
+    Consecutive pairs (both row numbers ascending by one) are merged into one
+    slice copy: a fresh slot pool hands out consecutive slots, so a whole
+    request usually moves in a single copy.
+    """
+    n = len(dst_rows)
+    if n == 0:
+        return
+    on_cpu = dst.device.type == "cpu" and src.device.type == "cpu"
+    dst_np = dst.detach().numpy() if on_cpu else None
+    src_np = src.detach().numpy() if on_cpu else None
+    max_np_rows = max(1, _TORCH_RUN_BYTES // max(1, dst.shape[1]))
+    i = 0
+    while i < n:
+        d0, s0 = dst_rows[i], src_rows[i]
+        j = i + 1
+        while j < n and dst_rows[j] == d0 + (j - i) and src_rows[j] == s0 + (j - i):
+            j += 1
+        k = j - i
+        if dst_np is not None and src_np is not None and k < max_np_rows:
+            dst_np[d0 : d0 + k] = src_np[s0 : s0 + k]
+        else:
+            dst[d0 : d0 + k].copy_(src[s0 : s0 + k])
+        i = j
+
+
 class KVCacheManager:
     """L1 (and, once configured, L2) cache of KV blocks keyed by token prefix."""
 
@@ -86,8 +122,9 @@ class KVCacheManager:
         with self._lock:
             index: dict[object, int] = {k: i for i, k in enumerate(keys)}
             placed = self.l1.insert(keys)
-            for key, slot in placed:
-                self.buffer.slot(slot).copy_(src[index[key]])
+            copy_rows(
+                self.buffer.tensor, [slot for _, slot in placed], src, [index[k] for k, _ in placed]
+            )
             return len(placed)
 
     def lookup(self, tokens: Sequence[int] | np.ndarray) -> int:
@@ -105,8 +142,7 @@ class KVCacheManager:
                 return 0
             slots = self.l1.pin(keys[:n])
         try:
-            for i, slot in enumerate(slots):
-                dst[i].copy_(self.buffer.slot(slot))
+            copy_rows(dst, range(n), self.buffer.tensor, slots)
         finally:
             self.l1.unpin_slots(slots)
         return n * self.block_tokens
