@@ -13,6 +13,8 @@ bytes, O(n), and a growing request only hashes its new full blocks.
 
 from __future__ import annotations
 
+import array
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -102,24 +104,50 @@ def pack_tokens(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _token_bytes(tokens: Sequence[int] | np.ndarray) -> memoryview:
+    """The little-endian uint32 bytes of ``tokens`` (same bytes as :func:`pack_tokens`).
+
+    Python lists (what vLLM hands us) go through ``array.array``, which packs
+    them about 3x faster than ``np.asarray``; at 32K tokens that is the
+    difference between most of the 2 ms budget and a quarter of it.
+    """
+    if isinstance(tokens, np.ndarray):
+        return memoryview(pack_tokens(tokens)).cast("B")
+    try:
+        arr = array.array("I", tokens)
+    except (OverflowError, TypeError):
+        return memoryview(pack_tokens(tokens)).cast("B")  # raises the uniform error
+    if arr.itemsize != 4:  # pragma: no cover - no mainstream platform
+        return memoryview(pack_tokens(tokens)).cast("B")
+    if sys.byteorder == "big":  # pragma: no cover - keys are defined little-endian
+        arr.byteswap()
+    return memoryview(arr).cast("B")
+
+
 def chain_hashes(parent: bytes, tokens: Sequence[int] | np.ndarray, block_size: int) -> list[Key]:
     """Keys of every *full* block of ``tokens``, chained from ``parent``.
 
     ``parent`` is the namespace digest for the first block of a sequence, or
     the key of the block before ``tokens[0]`` when extending a sequence.
     """
-    packed = pack_tokens(tokens)
-    n_blocks = packed.size // block_size
+    if block_size <= 0:
+        raise ValueError(f"block_size must be > 0, got {block_size}")
+    n_blocks = len(tokens) // block_size
     if n_blocks == 0:
         return []
-    mv = memoryview(packed[: n_blocks * block_size].tobytes())
+    # Packing the partial tail too (< block_size tokens) is cheaper than
+    # slicing a list first.
+    mv = _token_bytes(tokens)
     step = block_size * 4
     digest = xxhash.xxh3_128_digest
     out: list[Key] = []
+    append = out.append
     prev = parent
+    # One short concatenation per block (16 + 4*block_size bytes) is cheaper
+    # than a streaming hasher object per block.
     for off in range(0, n_blocks * step, step):
         prev = digest(prev + mv[off : off + step])
-        out.append(prev)
+        append(prev)
     return out
 
 
