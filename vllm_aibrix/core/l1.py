@@ -230,6 +230,22 @@ class L1Index:
         return slot
 
     def _drop(self, key: Key, *, notify: bool) -> None:
+        orphans = self._unlink(key, notify=notify)
+        if not self.prefix_aware:
+            return
+        # Drop the now unreachable descendants. Iterative: a chain can be
+        # thousands of blocks long (128K tokens / 16), far past Python's
+        # recursion limit.
+        stack = list(orphans)
+        while stack:
+            child = stack.pop()
+            if child in self._slot and not self._skip(child):
+                self.policy.remove(child)
+                self.stats.cascade_evictions += 1
+                stack.extend(self._unlink(child, notify=True))
+
+    def _unlink(self, key: Key, *, notify: bool) -> set[Key]:
+        """Forget ``key`` and free its slot; returns its (now parentless) children."""
         slot = self._slot.pop(key)
         parent = self._parent.pop(key, None)
         if parent is not None and parent in self._children:
@@ -242,12 +258,4 @@ class L1Index:
         self.allocator.free(slot)
         for child in children:
             self._parent[child] = None
-        if self.prefix_aware:
-            self._cascade(children)
-
-    def _cascade(self, orphans: set[Key]) -> None:
-        for child in orphans:
-            if child in self._slot and not self._skip(child):
-                self.policy.remove(child)
-                self.stats.cascade_evictions += 1
-                self._drop(child, notify=True)
+        return children
