@@ -1,0 +1,67 @@
+"""What the scheduler half tells the workers each step, and what they answer.
+
+Plain dataclasses of ints and bytes: they are pickled from the scheduler
+process to every worker process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorMetadata,
+    KVConnectorWorkerMetadata,
+)
+
+
+@dataclass
+class LoadSpec:
+    """Load cache blocks into a request's engine blocks.
+
+    ``l2_keys[i]`` is None when slot ``slots[i]`` already holds the block
+    (L1 hit); otherwise the worker first fetches its rank's shard of that key
+    from L2 into the slot. Blocks form a prefix: a failure at ``i`` makes
+    every later block a failure too.
+    """
+
+    req_id: str
+    slots: list[int]
+    block_ids: list[int]
+    l2_keys: list[bytes | None]
+    is_async: bool
+
+
+@dataclass
+class StoreSpec:
+    """Copy freshly computed engine blocks into L1 slots (after the forward)."""
+
+    req_id: str
+    slots: list[int]
+    block_ids: list[int]
+
+
+@dataclass
+class AIBrixConnectorMetadata(KVConnectorMetadata):
+    """One step's plan. Workers execute it in this order:
+    ``offloads`` (slot -> L2, before the slot is reused), ``loads``,
+    the forward pass, ``stores``, then ``l2_puts``.
+    """
+
+    loads: list[LoadSpec] = field(default_factory=list)
+    stores: list[StoreSpec] = field(default_factory=list)
+    offloads: list[tuple[bytes, int]] = field(default_factory=list)
+    l2_puts: list[tuple[bytes, int]] = field(default_factory=list)
+
+
+@dataclass
+class AIBrixWorkerMetadata(KVConnectorWorkerMetadata):
+    """Per-rank load outcomes: ``loaded[req_id][rank]`` = leading blocks loaded."""
+
+    loaded: dict[str, dict[int, int]] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        assert isinstance(other, AIBrixWorkerMetadata)
+        merged = {k: dict(v) for k, v in self.loaded.items()}
+        for req_id, per_rank in other.loaded.items():
+            merged.setdefault(req_id, {}).update(per_rank)
+        return AIBrixWorkerMetadata(loaded=merged)

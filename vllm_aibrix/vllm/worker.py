@@ -1,0 +1,215 @@
+"""The worker half of the connector: executes the scheduler's plans on one rank.
+
+Owns this rank's L1 slot array (same number of slots on every rank), copies
+engine blocks <-> slots, fetches its shard of L2 blocks, and reports how many
+leading blocks of each load arrived. Blocks past that prefix are reported to
+vLLM as load errors; vLLM takes the union over ranks, which truncates the
+request at the shortest prefix any rank loaded, and recomputes the rest on
+every rank. No rank ever waits for another, so a dead or stalled rank cannot
+hang the group: a load is bounded by the L2 operation timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from vllm_aibrix.core.config import CacheConfig, L2Backend
+from vllm_aibrix.core.memory import SlotBuffer
+from vllm_aibrix.vllm.copy import KVLayout
+from vllm_aibrix.vllm.engine_info import EngineInfo
+from vllm_aibrix.vllm.metadata import AIBrixConnectorMetadata, AIBrixWorkerMetadata, LoadSpec
+from vllm_aibrix.vllm.stats import ConnectorCounters
+
+logger = logging.getLogger(__name__)
+
+# Tests point this at a JSON file to inject faults into running engines
+# without restarting them: {"fail_after_blocks": k, "fail_rank": r,
+# "corrupt": true, "stall_s": s}. Read at most once per load; absent = off.
+TEST_HOOKS_ENV = "VLLM_AIBRIX_TEST_HOOKS"
+
+
+def _read_hooks() -> dict[str, Any]:
+    path = os.environ.get(TEST_HOOKS_ENV)
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            return dict(json.load(f))
+    except (OSError, ValueError):
+        return {}
+
+
+class AIBrixWorker:
+    """Worker-side logic for one TP rank."""
+
+    def __init__(self, config: CacheConfig, info: EngineInfo, rank: int) -> None:
+        self.config = config
+        self.info = info
+        self.rank = rank
+        self.layout: KVLayout | None = None
+        self.buffer: SlotBuffer | None = None
+        self.l2: Any = None
+        if config.l2_backend != L2Backend.NONE:
+            from vllm_aibrix.core.l2.store import L2Store
+
+            self.l2 = L2Store(config, info.namespace.digest)
+        self.counters = ConnectorCounters()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aibrix-load")
+        self._inflight: dict[str, tuple[LoadSpec, Future[tuple[int, list[int]]]]] = {}
+        self._done_recv: set[str] = set()
+        self._errors: set[int] = set()
+        self._loaded: dict[str, int] = {}
+
+    # ----------------------------------------------------------- setup
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], num_blocks: int) -> None:
+        self.layout = KVLayout(kv_caches, num_blocks)
+        if self.layout.slot_bytes != self.info.slot_bytes:
+            raise RuntimeError(
+                f"KV tensors give {self.layout.slot_bytes} bytes per block but the "
+                f"scheduler planned {self.info.slot_bytes}; unsupported KV layout"
+            )
+        self.buffer = SlotBuffer(self.info.num_slots, self.info.slot_bytes)
+        logger.info(
+            "aibrix L1 rank %d: %d slots x %d bytes (%.2f GiB)%s",
+            self.rank,
+            self.info.num_slots,
+            self.info.slot_bytes,
+            self.buffer.nbytes / (1 << 30),
+            ", pinned" if self.buffer.pinned else "",
+        )
+
+    # ----------------------------------------------------------- loads
+    def start_load(self, meta: AIBrixConnectorMetadata) -> None:
+        assert self.buffer is not None
+        # Evicted slots leave for L2 before anything in this step reuses them.
+        if meta.offloads and self.l2 is not None:
+            keys = [k for k, _ in meta.offloads]
+            src = [self.buffer.slot(s) for _, s in meta.offloads]
+            self.counters.l2_put_blocks += self.l2.submit_put(keys, self.rank, src)
+        for spec in meta.loads:
+            if spec.is_async:
+                self._inflight[spec.req_id] = (spec, self._pool.submit(self._load, spec))
+            else:
+                n_ok, failed = self._load(spec)
+                self._errors.update(failed)
+                self._loaded[spec.req_id] = n_ok
+
+    def _load(self, spec: LoadSpec) -> tuple[int, list[int]]:
+        """Fill slots from L2 where needed, then copy the good prefix into the engine."""
+        assert self.buffer is not None and self.layout is not None
+        t0 = time.perf_counter()
+        hooks = _read_hooks()
+        n = len(spec.slots)
+        ok = 0
+        while ok < n and spec.slots[ok] >= 0 and spec.l2_keys[ok] is None:
+            ok += 1
+        first_l2 = ok
+        while ok < n and spec.slots[ok] >= 0 and spec.l2_keys[ok] is not None:
+            ok += 1
+        if ok > first_l2:
+            got = self._fetch_l2(spec, first_l2, ok)
+            ok = first_l2 + got
+        if hooks and hooks.get("fail_rank") in (None, self.rank):
+            stall = float(hooks.get("stall_s", 0) or 0)
+            if stall:
+                time.sleep(stall)
+            if "fail_after_blocks" in hooks:
+                ok = min(ok, int(hooks["fail_after_blocks"]))
+        self.layout.scatter(self.buffer.tensor, spec.slots[:ok], spec.block_ids[:ok])
+        if hooks.get("corrupt") and ok and hooks.get("fail_rank") in (None, self.rank):
+            # Sensitivity check for tests: perturb what was loaded, report success.
+            for lv in self.layout.layers:
+                lv.tensor[:, spec.block_ids[:ok]] += 1.0
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self.counters.load_blocks += ok
+            self.counters.load_bytes += ok * self.info.slot_bytes
+            self.counters.load_seconds += dt
+        return ok, spec.block_ids[ok:]
+
+    def _fetch_l2(self, spec: LoadSpec, lo: int, hi: int) -> int:
+        """Fetch this rank's shards of ``spec.l2_keys[lo:hi]`` into their slots."""
+        assert self.buffer is not None
+        if self.l2 is None:
+            return 0
+        keys = [k for k in spec.l2_keys[lo:hi] if k is not None]
+        dst = [self.buffer.slot(s) for s in spec.slots[lo:hi]]
+        got = int(self.l2.get_blocks(keys, self.rank, dst))
+        with self._lock:
+            self.counters.l2_get_blocks += got
+        return got
+
+    def poll_finished(self) -> set[str]:
+        """Async loads finished since the last call (their errors are queued)."""
+        done: set[str] = set()
+        for req_id, (spec, fut) in list(self._inflight.items()):
+            if not fut.done():
+                continue
+            del self._inflight[req_id]
+            try:
+                n_ok, failed = fut.result()
+            except Exception:
+                logger.exception("aibrix: load for %s failed; recomputing it", req_id)
+                n_ok, failed = 0, list(spec.block_ids)
+            self._errors.update(failed)
+            self._loaded[req_id] = n_ok
+            done.add(req_id)
+        return done
+
+    def take_load_errors(self) -> set[int]:
+        errs, self._errors = self._errors, set()
+        return errs
+
+    def take_worker_meta(self) -> AIBrixWorkerMetadata | None:
+        if not self._loaded:
+            return None
+        loaded, self._loaded = self._loaded, {}
+        return AIBrixWorkerMetadata({r: {self.rank: n} for r, n in loaded.items()})
+
+    # ----------------------------------------------------------- stores
+    def save(self, meta: AIBrixConnectorMetadata) -> None:
+        assert self.buffer is not None and self.layout is not None
+        if meta.stores:
+            t0 = time.perf_counter()
+            slots = [s for st in meta.stores for s in st.slots]
+            blocks = [b for st in meta.stores for b in st.block_ids]
+            self.layout.gather(blocks, self.buffer.tensor, slots)
+            with self._lock:
+                self.counters.store_bytes += len(slots) * self.info.slot_bytes
+                self.counters.store_seconds += time.perf_counter() - t0
+        if meta.l2_puts and self.l2 is not None:
+            keys = [k for k, _ in meta.l2_puts]
+            src = [self.buffer.slot(s) for _, s in meta.l2_puts]
+            self.counters.l2_put_blocks += self.l2.submit_put(keys, self.rank, src)
+
+    def take_counters(self) -> dict[str, float]:
+        with self._lock:
+            out = self.counters.take()
+        if self.l2 is not None:
+            st = self.l2.stats
+            for name, attr in (
+                ("l2_errors", "errors"),
+                ("l2_corrupt", "corrupt"),
+                ("l2_ingest_dropped_blocks", "ingest_dropped_blocks"),
+            ):
+                total = int(getattr(st, attr, 0))
+                prev = getattr(self, f"_last_{attr}", 0)
+                if total > prev:
+                    out[name] = total - prev
+                setattr(self, f"_last_{attr}", total)
+        return out
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+        if self.l2 is not None:
+            self.l2.flush(timeout=5.0)
+            self.l2.close()
