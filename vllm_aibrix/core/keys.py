@@ -112,13 +112,13 @@ def _token_bytes(tokens: Sequence[int] | np.ndarray) -> memoryview:
     difference between most of the 2 ms budget and a quarter of it.
     """
     if isinstance(tokens, np.ndarray):
-        return memoryview(pack_tokens(tokens)).cast("B")
+        return pack_tokens(tokens).data.cast("B")
     try:
         arr = array.array("I", tokens)
     except (OverflowError, TypeError):
-        return memoryview(pack_tokens(tokens)).cast("B")  # raises the uniform error
+        return pack_tokens(tokens).data.cast("B")  # raises the uniform error
     if arr.itemsize != 4:  # pragma: no cover - no mainstream platform
-        return memoryview(pack_tokens(tokens)).cast("B")
+        return pack_tokens(tokens).data.cast("B")
     if sys.byteorder == "big":  # pragma: no cover - keys are defined little-endian
         arr.byteswap()
     return memoryview(arr).cast("B")

@@ -135,14 +135,12 @@ class L1Index:
         """Pin resident keys so they cannot be evicted; returns their slots."""
         with self._lock:
             slots = [self._slot[k] for k in keys]
-            for s in slots:
-                self.allocator.pin(s)
+            self.allocator.pin_many(slots)
             return slots
 
     def unpin_slots(self, slots: Sequence[int]) -> None:
         with self._lock:
-            for s in slots:
-                self.allocator.unpin(s)
+            self.allocator.unpin_many(slots)
 
     # -- mutation ----------------------------------------------------------------
     def insert(self, keys: Sequence[Key], parent: Key | None = None) -> list[tuple[Key, int]]:

@@ -15,6 +15,7 @@ manager, tests, benchmarks).
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import torch
 
@@ -88,6 +89,33 @@ class SlotAllocator:
             self._pins[slot] -= 1
             if self._pins[slot] == 0:
                 self._num_pinned -= 1
+
+    def pin_many(self, slots: Sequence[int]) -> None:
+        """:meth:`pin` every slot, under one lock acquisition (all or nothing)."""
+        with self._lock:
+            for slot in slots:
+                self._check(slot)
+            pins = self._pins
+            for slot in slots:
+                if pins[slot] == 0:
+                    self._num_pinned += 1
+                pins[slot] += 1
+
+    def unpin_many(self, slots: Sequence[int]) -> None:
+        """:meth:`unpin` every slot, under one lock acquisition (all or nothing)."""
+        with self._lock:
+            need: dict[int, int] = {}
+            for slot in slots:
+                self._check(slot)
+                need[slot] = need.get(slot, 0) + 1
+            for slot, count in need.items():
+                if self._pins[slot] < count:
+                    raise RuntimeError(f"slot {slot} is not pinned {count}x")
+            pins = self._pins
+            for slot in slots:
+                pins[slot] -= 1
+                if pins[slot] == 0:
+                    self._num_pinned -= 1
 
     def is_pinned(self, slot: int) -> bool:
         return self._pins[slot] > 0
