@@ -111,12 +111,12 @@ def test_flood_releases_every_byte_and_counters_add_up() -> None:
     sink = GatedSink()
     q = IngestQueue(sink, max_bytes=10_000, batch_size=8)
     try:
-        producers = [
-            threading.Thread(
-                target=lambda b=b: [q.offer(item(b * 10_000 + i)) for i in range(2000)]
-            )
-            for b in range(4)
-        ]
+
+        def produce(base: int) -> None:
+            for i in range(2000):
+                q.offer(item(base * 10_000 + i))
+
+        producers = [threading.Thread(target=produce, args=(b,)) for b in range(4)]
         for t in producers:
             t.start()
         time.sleep(0.05)
