@@ -1,0 +1,147 @@
+"""Shared pieces of the end-to-end tests: tiny model, engines, comparisons.
+
+Engines run in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, uni executor)
+so tests can inspect the connector's scheduler and worker halves directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import random
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL_CACHE = REPO / ".cache" / "tiny-llama"
+BLOCK = 128  # CPU attention needs a multiple of 32; 128 is vLLM's CPU default
+LOGPROB_ATOL = 1e-3
+
+
+def tiny_model() -> str:
+    """Path of the tiny local model, built on first use."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from make_tiny_model import build
+    finally:
+        sys.path.pop(0)
+    return str(build(MODEL_CACHE))
+
+
+def connector_config(extra: dict[str, Any] | None = None, **kw: Any) -> Any:
+    from vllm.config import KVTransferConfig
+
+    return KVTransferConfig(
+        kv_connector="AIBrixOffloadingConnector",
+        kv_connector_module_path="vllm_aibrix.vllm.connector",
+        kv_role="kv_both",
+        kv_load_failure_policy="recompute",
+        kv_connector_extra_config=dict(extra or {}),
+        **kw,
+    )
+
+
+def make_llm(model: str, *, kv_transfer_config: Any = None, **kw: Any) -> Any:
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM
+
+    args: dict[str, Any] = dict(
+        model=model,
+        max_model_len=4096,
+        block_size=BLOCK,
+        enforce_eager=True,
+        dtype="bfloat16",
+        distributed_executor_backend="uni",
+        seed=0,
+        kv_transfer_config=kv_transfer_config,
+    )
+    args.update(kw)
+    return LLM(**args)
+
+
+def shutdown(llm: Any) -> None:
+    with contextlib.suppress(Exception):
+        llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@contextlib.contextmanager
+def engine(model: str, **kw: Any) -> Iterator[Any]:
+    llm = make_llm(model, **kw)
+    try:
+        yield llm
+    finally:
+        shutdown(llm)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What we compare: greedy token ids and their logprobs."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    num_cached_tokens: int
+
+
+def generate(llm: Any, prompts: Sequence[Sequence[int]], max_tokens: int = 6) -> list[Completion]:
+    from vllm import SamplingParams, TokensPrompt
+
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True)
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False
+    )
+    result = []
+    for o in outs:
+        c = o.outputs[0]
+        lps = tuple(
+            float(step[tok].logprob) for step, tok in zip(c.logprobs, c.token_ids, strict=True)
+        )
+        result.append(Completion(tuple(c.token_ids), lps, int(o.num_cached_tokens or 0)))
+    return result
+
+
+def same_output(a: Completion, b: Completion, atol: float = LOGPROB_ATOL) -> bool:
+    """Token ids equal and every logprob within ``atol``."""
+    return a.token_ids == b.token_ids and all(
+        abs(x - y) <= atol for x, y in zip(a.logprobs, b.logprobs, strict=True)
+    )
+
+
+def prompt_tokens(seed: int, n: int, vocab: int = 256) -> list[int]:
+    """Deterministic pseudo-random byte tokens (the tiny model's vocabulary)."""
+    rng = random.Random(seed)
+    return [rng.randrange(vocab) for _ in range(n)]
+
+
+def scheduler_half(llm: Any) -> Any:
+    """The connector's scheduler half inside an in-process engine."""
+    core = llm.llm_engine.engine_core.engine_core
+    return core.scheduler.connector._scheduler
+
+
+def worker_half() -> Any:
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    return get_kv_transfer_group()._worker
+
+
+class Hooks:
+    """Writes the worker's fault-injection file (see vllm_aibrix.vllm.worker)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        os.environ["VLLM_AIBRIX_TEST_HOOKS"] = str(path)
+        self.clear()
+
+    def set(self, **hooks: Any) -> None:
+        self.path.write_text(json.dumps(hooks))
+
+    def clear(self) -> None:
+        self.path.write_text("{}")
