@@ -55,7 +55,8 @@ def free_port() -> int:
 
 
 def redis_binary(name: str = "redis-server") -> str:
-    path = shutil.which(name) or (f"/usr/bin/{name}" if os.path.exists(f"/usr/bin/{name}") else None)
+    fallback = f"/usr/bin/{name}"
+    path = shutil.which(name) or (fallback if os.path.exists(fallback) else None)
     if path is None:
         pytest.fail(
             f"{name} not found: install it with 'apt-get install -y redis-server' "
@@ -139,9 +140,10 @@ class RedisServer:
         raise RuntimeError(f"redis-server on {self.port} did not start: {self.log_tail()}")
 
     def log_tail(self) -> str:
-        with contextlib.suppress(OSError), open(
-            os.path.join(self.workdir, f"redis-{self.port}.log"), "rb"
-        ) as f:
+        with (
+            contextlib.suppress(OSError),
+            open(os.path.join(self.workdir, f"redis-{self.port}.log"), "rb") as f,
+        ):
             return f.read()[-2000:].decode(errors="replace")
         return ""
 
@@ -210,13 +212,17 @@ def _make_certs(d: str) -> dict[str, str] | None:
     ext = os.path.join(d, "ext.cnf")
     with open(ext, "w") as f:
         f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    run = lambda *a: subprocess.run([openssl, *a], check=True, capture_output=True)  # noqa: E731
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=aibrix-test-ca",
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True)
+
+    subj_ca, subj_srv = "/CN=aibrix-test-ca", "/CN=127.0.0.1"
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", subj_ca,
         "-keyout", ca_key, "-out", ca)  # fmt: skip
-    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", key,
+    run("req", "-newkey", "rsa:2048", "-nodes", "-subj", subj_srv, "-keyout", key,
         "-out", csr)  # fmt: skip
-    run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days", "1",
-        "-out", cert, "-extfile", ext)  # fmt: skip
+    run("x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+        "-days", "1", "-out", cert, "-extfile", ext)  # fmt: skip
     return {"ca": ca, "cert": cert, "key": key}
 
 
