@@ -214,7 +214,7 @@ class L1Index:
 
     def _skip(self, key: Hashable) -> bool:
         slot = self._slot.get(key)
-        return key in self._inserting or slot is None
+        return key in self._inserting or slot is None or self.allocator.is_pinned(slot)
 
     def _allocate(self) -> int | None:
         slot = self.allocator.allocate()
