@@ -142,8 +142,12 @@ class RedisBackend(L2BackendBase):
         try:
             if self.cluster:
                 kw.pop("db", None)  # clusters have only db 0
-                kw.pop("ssl", None)
+                host, port = kw.pop("host", "127.0.0.1"), kw.pop("port", 6379)
+                # Only with ``url=`` does RedisCluster build node pools from our
+                # kwargs (and so honour connection_class); give it a bare URL so
+                # that nothing in it overrides them (password, TLS class).
                 self._client = RedisCluster(
+                    url=f"redis://{host}:{port}",
                     retry=Retry(NoBackoff(), 1),
                     require_full_coverage=True,
                     **kw,
