@@ -83,6 +83,10 @@ class L1Index:
         self._children: dict[Key, set[Key]] = {}
         self._lock = threading.RLock()
         self._inserting: set[Key] = set()
+        # While insert() runs, hot events wait here so listeners always see a
+        # key's on_inserted before its on_hot (S3FIFO reports a key coming
+        # back from its ghost queue as hot at insertion).
+        self._deferred_hot: list[Key] | None = None
 
     # -- queries ---------------------------------------------------------------
     def __len__(self) -> int:
@@ -155,40 +159,50 @@ class L1Index:
         Returns the new ``(key, slot)`` pairs, head first.
         """
         with self._lock:
-            placed: list[tuple[Key, int]] = []
-            self._inserting = set(keys)
+            self._deferred_hot = []
             try:
-                prev = parent
-                for k in keys:
-                    if k in self._slot:
-                        prev = k
-                        continue
-                    # Before making room: S3FIFO decides here whether the key
-                    # is one its ghost queue remembers.
-                    self.policy.on_miss(k)
-                    slot = self._allocate()
-                    if slot is None:
-                        self.stats.insert_failures += 1
-                        break
-                    self._slot[k] = slot
-                    self._parent[k] = prev
-                    if prev is not None and prev in self._slot:
-                        self._children.setdefault(prev, set()).add(k)
-                    placed.append((k, slot))
-                    if not self.prefix_aware:
-                        # Plain mode: exactly the policy's own miss sequence.
-                        self.policy.on_insert(k)
-                    prev = k
+                placed = self._place(keys, parent)
             finally:
-                self._inserting = set()
-            if self.prefix_aware:
-                # Tail first, so the chain's head is the most recent entry.
-                for k, _ in reversed(placed):
-                    self.policy.on_insert(k)
+                hot, self._deferred_hot = self._deferred_hot, None
             self.stats.inserts += len(placed)
             for k, slot in placed:
                 self.listener.on_inserted(k, slot)
+            for k in hot:
+                self._policy_hot(k)
             return placed
+
+    def _place(self, keys: Sequence[Key], parent: Key | None) -> list[tuple[Key, int]]:
+        placed: list[tuple[Key, int]] = []
+        self._inserting = set(keys)
+        try:
+            prev = parent
+            for k in keys:
+                if k in self._slot:
+                    prev = k
+                    continue
+                # Before making room: S3FIFO decides here whether the key
+                # is one its ghost queue remembers.
+                self.policy.on_miss(k)
+                slot = self._allocate()
+                if slot is None:
+                    self.stats.insert_failures += 1
+                    break
+                self._slot[k] = slot
+                self._parent[k] = prev
+                if prev is not None and prev in self._slot:
+                    self._children.setdefault(prev, set()).add(k)
+                placed.append((k, slot))
+                if not self.prefix_aware:
+                    # Plain mode: exactly the policy's own miss sequence.
+                    self.policy.on_insert(k)
+                prev = k
+        finally:
+            self._inserting = set()
+        if self.prefix_aware:
+            # Tail first, so the chain's head is the most recent entry.
+            for k, _ in reversed(placed):
+                self.policy.on_insert(k)
+        return placed
 
     def remove(self, key: Key) -> bool:
         """Drop a key (e.g. its bytes turned out bad). False if absent or pinned."""
@@ -208,6 +222,9 @@ class L1Index:
 
     # -- internals ---------------------------------------------------------------
     def _policy_hot(self, key: Hashable) -> None:
+        if self._deferred_hot is not None:
+            self._deferred_hot.append(key)
+            return
         slot = self._slot.get(key)
         if slot is not None:
             self.listener.on_hot(key, slot)
