@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.integration.mooncake_fixtures import (  # noqa: F401 - fixtures
-    RemoteBackend,
-    mooncake_client,
-    mooncake_client_factory,
-    mooncake_cluster,
-)
+from tests.integration.mooncake_fixtures import RemoteBackend
 from vllm_aibrix.bench.mooncake import MooncakeCluster
 from vllm_aibrix.core.l2.backend import BackendError
 
 pytestmark = pytest.mark.integration
+pytest_plugins = ["tests.integration.mooncake_fixtures"]
 
 MIB = 1 << 20
 
@@ -95,7 +92,7 @@ def test_large_values_of_2_mib_round_trip(mooncake_client: RemoteBackend) -> Non
 
 
 def test_a_batch_larger_than_the_client_buffer_round_trips(
-    mooncake_client_factory,  # noqa: ANN001
+    mooncake_client_factory: Any,
 ) -> None:
     # 24 MiB through a 16 MiB client buffer: the pointer calls do not stage values there.
     client = mooncake_client_factory(mooncake_local_buffer_size_mb=16)
@@ -114,7 +111,7 @@ def test_many_small_keys_round_trip_in_one_batch(mooncake_client: RemoteBackend)
 
 
 def test_values_written_by_one_client_are_read_by_another(
-    mooncake_client_factory,  # noqa: ANN001
+    mooncake_client_factory: Any,
 ) -> None:
     writer, reader = mooncake_client_factory(), mooncake_client_factory()
     (a,) = _keys("shared", 1)
