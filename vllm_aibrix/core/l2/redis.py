@@ -32,7 +32,13 @@ from redis.connection import Connection, ConnectionPool, Encoder, SSLConnection,
 from redis.retry import Retry
 
 from vllm_aibrix.core.config import CacheConfig
-from vllm_aibrix.core.l2.backend import BackendCapabilities, BackendError, Buffer, L2BackendBase
+from vllm_aibrix.core.l2.backend import (
+    BackendCapabilities,
+    BackendError,
+    BackendTimeout,
+    Buffer,
+    L2BackendBase,
+)
 
 _CRLF = b"\r\n"
 # Below this many bytes an argument is joined into the command buffer; above
@@ -124,7 +130,8 @@ class RedisBackend(L2BackendBase):
     """Redis / Valkey, standalone (``redis_cluster=False``) or Redis Cluster."""
 
     name = "redis"
-    capabilities = BackendCapabilities(batched=True, max_value_bytes=512 << 20)
+    # Socket connect/read timeouts equal the store's op timeout: self-timed.
+    capabilities = BackendCapabilities(batched=True, max_value_bytes=512 << 20, self_timed=True)
 
     def __init__(
         self,
@@ -169,6 +176,8 @@ class RedisBackend(L2BackendBase):
     def _run(self, pipe: Any) -> list[Any]:
         try:
             return list(pipe.execute())
+        except _redis.TimeoutError as e:
+            raise BackendTimeout(f"redis {self._safe_url()}: {e}") from e
         except _redis.RedisError as e:
             raise BackendError(f"redis {self._safe_url()}: {e}") from e
 
@@ -187,6 +196,8 @@ class RedisBackend(L2BackendBase):
         if len(keys) == 1 and not self.cluster:
             try:
                 return [self._client.get(keys[0])]
+            except _redis.TimeoutError as e:
+                raise BackendTimeout(f"redis {self._safe_url()}: {e}") from e
             except _redis.RedisError as e:
                 raise BackendError(f"redis {self._safe_url()}: {e}") from e
         pipe = self._pipeline()

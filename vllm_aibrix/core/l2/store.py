@@ -4,7 +4,9 @@ It wraps one :class:`~vllm_aibrix.core.l2.backend.L2BackendBase` and adds
 
 * the value codec (header + checksum [+ zstd]) on every value;
 * a per-operation deadline (``config.l2_op_timeout_s``): backend calls run on
-  a small thread pool and the caller waits at most that long;
+  a small thread pool and the caller waits at most that long -- except for
+  backends that time themselves out (``capabilities.self_timed``, e.g. Redis
+  with socket timeouts), which run on the caller's thread to save the hop;
 * health tracking: an unreachable backend at start, or an operation that
   fails or times out later, marks L2 *down* (one warning). While down every
   operation returns a miss immediately; a background thread probes the
@@ -31,7 +33,7 @@ import torch
 from vllm_aibrix.core.config import CacheConfig, Compression
 from vllm_aibrix.core.keys import rank_key
 from vllm_aibrix.core.l2 import codec
-from vllm_aibrix.core.l2.backend import L2BackendBase
+from vllm_aibrix.core.l2.backend import BackendTimeout, L2BackendBase
 from vllm_aibrix.core.l2.factory import create_backend
 from vllm_aibrix.core.l2.ingest import IngestItem, IngestQueue
 
@@ -76,6 +78,7 @@ class L2Store:
         backend: L2BackendBase | None = None,
         *,
         num_threads: int = 8,
+        inline_calls: bool = True,
     ) -> None:
         if len(namespace_digest) != codec.NAMESPACE_BYTES:
             raise ValueError(f"namespace_digest must be {codec.NAMESPACE_BYTES} bytes")
@@ -100,6 +103,7 @@ class L2Store:
             batch_size=config.l2_cache_ingestion_batch_size,
         )
         self._backend: L2BackendBase | None = backend
+        self._inline_allowed = inline_calls
         self._backend_label = backend.name if backend is not None else config.l2_backend.value
         if self._probe():
             self._set_up()
@@ -117,6 +121,11 @@ class L2Store:
         return self._backend
 
     _last_probe_error: str | None = None
+
+    @property
+    def _inline(self) -> bool:
+        b = self._backend
+        return self._inline_allowed and b is not None and b.capabilities.self_timed
 
     def _probe(self) -> bool:
         """Create the backend if needed and ping it, within the deadline."""
@@ -185,9 +194,23 @@ class L2Store:
             logger.debug("L2 (%s) still down: %s", self._backend_label, self._last_probe_error)
 
     def _call(self, fn: Any, *args: Any) -> tuple[bool, Any]:
-        """Run ``fn(*args)`` on the pool within the deadline; (ok, result)."""
+        """Run ``fn(*args)`` within the deadline; (ok, result).
+
+        On the pool (the caller waits at most the op timeout), or inline for a
+        self-timed backend (it gives up by itself).
+        """
         if not self.available:
             self._add(down_skips=1)
+            return False, None
+        if self._inline:
+            try:
+                return True, fn(*args)
+            except BackendTimeout:
+                self._add(timeouts=1)
+                self._mark_down(f"an operation took longer than {self.timeout_s:.3g}s")
+            except Exception as e:
+                self._add(errors=1)
+                self._mark_down(f"{type(e).__name__}: {e}")
             return False, None
         try:
             fut: Future[Any] = self._pool.submit(fn, *args)
@@ -195,7 +218,7 @@ class L2Store:
             return False, None
         try:
             return True, fut.result(timeout=self.timeout_s)
-        except FutureTimeout:
+        except (FutureTimeout, BackendTimeout):
             self._add(timeouts=1)
             self._mark_down(f"an operation took longer than {self.timeout_s:.3g}s")
         except Exception as e:
