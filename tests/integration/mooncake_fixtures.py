@@ -21,6 +21,7 @@ install command, never skip: the project's setup installs them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import subprocess
@@ -35,13 +36,16 @@ from typing import Any
 import pytest
 
 from vllm_aibrix.bench.mooncake import MooncakeCluster, MooncakeUnavailable
-from vllm_aibrix.core.l2.backend import BackendError
+from vllm_aibrix.core.l2.backend import BackendError, BackendTimeout
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+OP_TIMEOUT = "l2_cache_op_timeout_ms"
 
 
 class RemoteBackend:
     """Calls a MooncakeBackend in a loopback-confined child process."""
+
+    name = "mooncake"  # what L2Store reads from a backend
 
     def __init__(self, cluster: MooncakeCluster, config: dict[str, Any]) -> None:
         self._dir = tempfile.mkdtemp(prefix="aibrix-mc-host-")
@@ -65,6 +69,7 @@ class RemoteBackend:
             self.conn: Connection = listener.accept()
         finally:
             listener.close()
+        self._caps: Any = None
         t0 = time.monotonic()
         try:
             self._request("__init__", pickle.dumps(config))
@@ -80,6 +85,8 @@ class RemoteBackend:
         if status == "ok":
             return payload
         kind, message = payload
+        if kind == "BackendTimeout":
+            raise BackendTimeout(message)
         if kind == "BackendError":
             raise BackendError(message)
         if kind == "ValueError":
@@ -117,8 +124,12 @@ class RemoteBackend:
     def ping(self) -> bool:
         return self._request("ping")
 
+    @property
     def capabilities(self) -> Any:
-        return self._request("__capabilities__")
+        """The child's ``MooncakeBackend.capabilities`` (L2Store reads it)."""
+        if self._caps is None:
+            self._caps = self._request("__capabilities__")
+        return self._caps
 
     def close(self) -> None:
         """Close the backend and end the child."""
@@ -127,9 +138,10 @@ class RemoteBackend:
         try:
             if self.proc.poll() is None:
                 self._request("close")
-                self.conn.send(("__exit__", ()))
         except (OSError, EOFError, RuntimeError, BackendError):
             pass
+        with contextlib.suppress(OSError):
+            self.conn.send(("__exit__", ()))
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -204,7 +216,9 @@ def mooncake_client_factory(
     made: list[RemoteBackend] = []
 
     def make(**overrides: Any) -> RemoteBackend:
-        client = RemoteBackend(mooncake_cluster, mooncake_cluster.client_config(**overrides))
+        client = RemoteBackend(
+            mooncake_cluster, mooncake_cluster.client_config(**{OP_TIMEOUT: 10000, **overrides})
+        )
         made.append(client)
         return client
 
@@ -213,10 +227,15 @@ def mooncake_client_factory(
         c.close()
 
 
-@pytest.fixture
-def mooncake_client(mooncake_client_factory: Any) -> RemoteBackend:
-    """One MooncakeBackend client of the module's cluster."""
-    return mooncake_client_factory()
+@pytest.fixture(scope="module")
+def mooncake_client(mooncake_cluster: MooncakeCluster) -> Iterator[RemoteBackend]:
+    """One MooncakeBackend client shared by the module (tests use distinct keys)."""
+    # A generous op timeout: these tests check behaviour, not speed, on a shared machine.
+    client = RemoteBackend(mooncake_cluster, mooncake_cluster.client_config(**{OP_TIMEOUT: 10000}))
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 if __name__ == "__main__":

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.integration.mooncake_fixtures import RemoteBackend
 from vllm_aibrix.bench.mooncake import MooncakeCluster
 from vllm_aibrix.core.l2.backend import BackendError
+
+if TYPE_CHECKING:
+    from tests.integration.mooncake_fixtures import RemoteBackend
 
 pytestmark = pytest.mark.integration
 pytest_plugins = ["tests.integration.mooncake_fixtures"]
@@ -126,7 +128,7 @@ def test_empty_value_is_rejected_with_backend_error(mooncake_client: RemoteBacke
 
 
 def test_capabilities_declare_batched_and_zero_copy_get(mooncake_client: RemoteBackend) -> None:
-    caps = mooncake_client.capabilities()
+    caps = mooncake_client.capabilities
     assert caps.batched and caps.zero_copy_get and caps.shared_across_hosts
 
 

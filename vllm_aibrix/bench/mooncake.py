@@ -203,8 +203,17 @@ class MooncakeCluster:
     configured once reach the restarted servers.
     """
 
-    def __init__(self, workdir: str, segment_mb: int = 512, node_buffer_mb: int = 64) -> None:
+    def __init__(
+        self,
+        workdir: str,
+        segment_mb: int = 512,
+        node_buffer_mb: int = 64,
+        client_ttl_s: int = 2,
+    ) -> None:
         self.workdir = Path(workdir)
+        # How long the master keeps a silent node's segment (Mooncake's default is
+        # 10 s); until it drops it, new values may still be placed in the dead one.
+        self.client_ttl_s = client_ttl_s
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.segment_mb = segment_mb
         self.node_buffer_mb = node_buffer_mb
@@ -257,6 +266,7 @@ class MooncakeCluster:
                 f"--http_metadata_server_port={self.http_port}",
                 "--metrics_host=127.0.0.1",
                 f"--metrics_port={self.metrics_port}",
+                f"--client_ttl={self.client_ttl_s}",
             ],
             cwd=self.workdir,
             env=self.env,
@@ -304,10 +314,14 @@ class MooncakeCluster:
 
     def restart(self) -> None:
         """Bring back whatever is down (master first), on the same ports."""
-        if self.master is None or self.master.poll() is not None:
+        master_restarted = self.master is None or self.master.poll() is not None
+        if master_restarted:
             self.start_master()
         if self.node is None or self.node.poll() is not None:
             self.start_node()
+            if not master_restarted:
+                # The old master still lists the dead node's segment: wait it out.
+                time.sleep(self.client_ttl_s + 1.0)
 
     def stop(self) -> None:
         """Stop both processes (node first, so it can unmount)."""

@@ -50,6 +50,7 @@ from vllm_aibrix.core.config import CacheConfig
 from vllm_aibrix.core.l2.backend import (
     BackendCapabilities,
     BackendError,
+    BackendTimeout,
     Buffer,
     L2BackendBase,
 )
@@ -191,7 +192,9 @@ class MooncakeBackend(L2BackendBase):
             return fut.result(timeout=self.timeout_s)
         except FutureTimeout:
             self._degraded.set()
-            raise BackendError(f"Mooncake {what} took longer than {self.timeout_s:.3g}s") from None
+            raise BackendTimeout(
+                f"Mooncake {what} took longer than {self.timeout_s:.3g}s"
+            ) from None
         except BackendError:
             raise
         except Exception as e:
@@ -240,6 +243,12 @@ class MooncakeBackend(L2BackendBase):
             sizes = self._sizes(skeys)
             found = [i for i, n in enumerate(sizes) if n > 0]
             out: list[Buffer | None] = [None] * len(skeys)
+            if len(found) < len(skeys):
+                # A dead master also answers "no replicas": tell misses from failures.
+                absent = [skeys[i] for i, n in enumerate(sizes) if n <= 0]
+                codes = list(self._store.batch_is_exist(absent))
+                if len(codes) != len(absent) or any(c < 0 for c in codes):
+                    raise self._failed("get", absent, codes)
             if not found:
                 return out
             bufs = {i: bytearray(sizes[i]) for i in found}
