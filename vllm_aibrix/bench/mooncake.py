@@ -43,7 +43,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from vllm_aibrix.bench._common import add_output_args, best_of, emit
+from vllm_aibrix.bench._common import add_output_args, emit
 
 KIB = 1024
 DEFAULT_VALUE_KIB = (64, 512, 2048)
@@ -396,16 +396,23 @@ def _measure(cfg: dict[str, Any], value_kib: Sequence[int], batch: int, repeats:
             n = backend.get_into(keys, bufs)  # noqa: B023
             assert all(x == size for x in n)  # noqa: B023
 
-        # Interleave the pairs so that drift on a shared machine hits both sides.
-        t = {}
-        for name, fn in (
-            ("raw_put", raw_put),
-            ("backend_put", be_put),
-            ("raw_get", raw_get),
-            ("backend_get", be_get),
-            ("backend_get_into", be_get_into),
-        ):
-            t[name] = best_of(fn, repeats)
+        # Rounds interleave all five so that drift on a shared machine hits every
+        # side alike; each keeps its fastest (least disturbed) round.
+        ops = {
+            "raw_put": raw_put,
+            "backend_put": be_put,
+            "raw_get": raw_get,
+            "backend_get": be_get,
+            "backend_get_into": be_get_into,
+        }
+        t = {name: float("inf") for name in ops}
+        for fn in ops.values():
+            fn()  # warm-up
+        for _ in range(repeats):
+            for name, fn in ops.items():
+                t0 = time.perf_counter()
+                fn()
+                t[name] = min(t[name], time.perf_counter() - t0)
         backend.get_into(keys, bufs)
         assert bytes(dst[:size]) == values[0], "read back wrong bytes"
 

@@ -251,14 +251,23 @@ class MooncakeBackend(L2BackendBase):
                     raise self._failed("get", absent, codes)
             if not found:
                 return out
-            bufs = {i: bytearray(sizes[i]) for i in found}
-            addrs = [_address(bufs[i]) for i in found]
+            # One uninitialised arena for the batch (no zero-fill, one allocation);
+            # each value is a view of it, so the arena lives as long as any value.
+            arena = np.empty(sum(sizes[i] for i in found), dtype=np.uint8)
+            base = int(arena.ctypes.data)
+            offsets: dict[int, int] = {}
+            off = 0
+            for i in found:
+                offsets[i] = off
+                off += sizes[i]
             codes = self._store.batch_get_into(
-                [skeys[i] for i in found], [a[0] for a in addrs], [a[1] for a in addrs]
+                [skeys[i] for i in found],
+                [base + offsets[i] for i in found],
+                [sizes[i] for i in found],
             )
             for i, code in zip(found, codes, strict=True):
                 if code == sizes[i]:
-                    out[i] = bufs[i]
+                    out[i] = arena[offsets[i] : offsets[i] + code].data
                 elif code in (OBJECT_NOT_FOUND, BUFFER_TOO_SMALL) or code >= 0:
                     # Deleted or overwritten with another size in between: a miss.
                     continue
