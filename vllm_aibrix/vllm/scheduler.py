@@ -22,6 +22,7 @@ Slot lifecycle, and why it is safe:
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
+
+_MAX_BAD_KEYS = 1 << 16
 
 
 @dataclass
@@ -96,6 +99,11 @@ class AIBrixScheduler(L1Listener):
         self.totals: dict[str, float] = {}  # cumulative, for tests and the demo
         self._trackers: dict[str, _Tracker] = {}
         self._pending: dict[Key, int] = {}  # key -> loads filling it from L2
+        # L2 keys whose load failed on some rank. A lookup stops at them: the
+        # request is recomputed instead of looping on load -> fail -> lookup
+        # (the lookup only checks existence, a corrupt value still exists).
+        # Cleared when this engine stores the block again (which rewrites L2).
+        self._l2_bad: OrderedDict[Key, None] = OrderedDict()
         self._meta = AIBrixConnectorMetadata()
         self._step_pins: list[int] = []
         self._building = False
@@ -136,7 +144,11 @@ class AIBrixScheduler(L1Listener):
         n1 = self._l1_prefix(keys)
         n = n1
         if self.l2 is not None and n1 < len(keys):
-            n += self.l2.exists_prefix(keys[n1:], self.ranks)
+            end = n1
+            while end < len(keys) and keys[end] not in self._l2_bad:
+                end += 1
+            if end > n1:
+                n += self.l2.exists_prefix(keys[n1:end], self.ranks)
         tr.lookup_l1_blocks = n1
         tr.lookup_hit_blocks = n
         self.counters.lookups += 1
@@ -245,6 +257,7 @@ class AIBrixScheduler(L1Listener):
                 self.counters.store_skipped_blocks += 1
                 continue
             slot = placed[0][1]
+            self._l2_bad.pop(k, None)
             self.l1.pin([k])
             self._step_pins.append(slot)
             slots.append(slot)
@@ -297,12 +310,20 @@ class AIBrixScheduler(L1Listener):
                 self._pending[key] = left
             else:
                 del self._pending[key]
-            if i >= agreed and key not in self._pending:
-                # Not every rank has good bytes in this slot: forget it.
-                self.l1.remove(key)
+            if i >= agreed:
+                self._remember_bad(key)
+                if key not in self._pending:
+                    # Not every rank has good bytes in this slot: forget it.
+                    self.l1.remove(key)
         tr.load = None
         if tr.finished:
             del self._trackers[req_id]
+
+    def _remember_bad(self, key: Key) -> None:
+        self._l2_bad[key] = None
+        self._l2_bad.move_to_end(key)
+        while len(self._l2_bad) > _MAX_BAD_KEYS:
+            self._l2_bad.popitem(last=False)
 
     def request_finished(self, request: Request) -> None:
         tr = self._trackers.get(request.request_id)
