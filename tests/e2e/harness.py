@@ -166,13 +166,15 @@ def run_engine_process(spec: dict[str, Any], workdir: Path, timeout: float = 600
     if proc.returncode != 0:
         raise AssertionError(f"engine process failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    out["rounds"] = [
-        [
-            Completion(
-                **{**c, "token_ids": tuple(c["token_ids"]), "logprobs": tuple(c["logprobs"])}
-            )
-            for c in r
-        ]
-        for r in out["rounds"]
-    ]
+    for b in out.get("batches", []):
+        b["outs"] = [_completion(c) for c in b["outs"]]
+    out["rounds"] = [[_completion(c) for c in r] for r in out["rounds"]]
     return out
+
+
+def _completion(c: dict[str, Any]) -> Completion:
+    return Completion(
+        token_ids=tuple(c["token_ids"]),
+        logprobs=tuple(c["logprobs"]),
+        num_cached_tokens=int(c["num_cached_tokens"]),
+    )

@@ -11,6 +11,7 @@ hang the group: a load is bounded by the L2 operation timeout.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from vllm_aibrix.core.config import CacheConfig, L2Backend
+from vllm_aibrix.core.keys import rank_key
 from vllm_aibrix.core.memory import SlotBuffer
 from vllm_aibrix.vllm.copy import KVLayout
 from vllm_aibrix.vllm.engine_info import EngineInfo
@@ -32,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 # Tests point this at a JSON file to inject faults into running engines
 # without restarting them: {"fail_after_blocks": k, "fail_rank": r,
-# "corrupt": true, "stall_s": s}. Read at most once per load; absent = off.
+# "corrupt": true, "stall_s": s, "delete_l2_keys": [hex storage key, ...]}.
+# Read at most once per load; absent = off.
 TEST_HOOKS_ENV = "VLLM_AIBRIX_TEST_HOOKS"
 
 
@@ -45,6 +48,23 @@ def _read_hooks() -> dict[str, Any]:
             return dict(json.load(f))
     except (OSError, ValueError):
         return {}
+
+
+class _InflightLoad:
+    """An async load and the lock that decides whether it may still write.
+
+    A load that outlives its deadline is reported failed (vLLM recomputes its
+    blocks) and cancelled; the load thread checks ``cancelled`` under the lock
+    right before it writes into engine blocks, so a late load can never
+    overwrite blocks that vLLM has already handed to the recompute.
+    """
+
+    def __init__(self, spec: LoadSpec, deadline: float) -> None:
+        self.spec = spec
+        self.deadline = deadline
+        self.lock = threading.Lock()
+        self.cancelled = False
+        self.future: Future[tuple[int, list[int]]] | None = None
 
 
 class AIBrixWorker:
@@ -64,7 +84,7 @@ class AIBrixWorker:
         self.counters = ConnectorCounters()
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aibrix-load")
-        self._inflight: dict[str, tuple[LoadSpec, Future[tuple[int, list[int]]]]] = {}
+        self._inflight: dict[str, _InflightLoad] = {}
         self._done_recv: set[str] = set()
         self._errors: set[int] = set()
         self._loaded: dict[str, int] = {}
@@ -97,17 +117,24 @@ class AIBrixWorker:
             self.counters.l2_put_blocks += self.l2.submit_put(keys, self.rank, src)
         for spec in meta.loads:
             if spec.is_async:
-                self._inflight[spec.req_id] = (spec, self._pool.submit(self._load, spec))
+                job = _InflightLoad(spec, time.monotonic() + self.config.tp_agreement_timeout_s)
+                job.future = self._pool.submit(self._load, spec, job)
+                self._inflight[spec.req_id] = job
             else:
                 n_ok, failed = self._load(spec)
                 self._errors.update(failed)
                 self._loaded[spec.req_id] = n_ok
 
-    def _load(self, spec: LoadSpec) -> tuple[int, list[int]]:
+    def _load(self, spec: LoadSpec, job: _InflightLoad | None = None) -> tuple[int, list[int]]:
         """Fill slots from L2 where needed, then copy the good prefix into the engine."""
         assert self.buffer is not None and self.layout is not None
         t0 = time.perf_counter()
         hooks = _read_hooks()
+        if hooks.get("delete_l2_keys") and self.l2 is not None:
+            doomed = set(hooks["delete_l2_keys"])
+            for k in spec.l2_keys:
+                if k is not None and rank_key(k, self.rank).hex() in doomed:
+                    self.l2.delete([k], [self.rank])
         n = len(spec.slots)
         ok = 0
         while ok < n and spec.slots[ok] >= 0 and spec.l2_keys[ok] is None:
@@ -116,7 +143,7 @@ class AIBrixWorker:
         while ok < n and spec.slots[ok] >= 0 and spec.l2_keys[ok] is not None:
             ok += 1
         if ok > first_l2:
-            got = self._fetch_l2(spec, first_l2, ok)
+            got = self._fetch_l2(spec, first_l2, ok, job)
             ok = first_l2 + got
         if hooks and hooks.get("fail_rank") in (None, self.rank):
             stall = float(hooks.get("stall_s", 0) or 0)
@@ -124,11 +151,14 @@ class AIBrixWorker:
                 time.sleep(stall)
             if "fail_after_blocks" in hooks:
                 ok = min(ok, int(hooks["fail_after_blocks"]))
-        self.layout.scatter(self.buffer.tensor, spec.slots[:ok], spec.block_ids[:ok])
-        if hooks.get("corrupt") and ok and hooks.get("fail_rank") in (None, self.rank):
-            # Sensitivity check for tests: perturb what was loaded, report success.
-            for lv in self.layout.layers:
-                lv.tensor[:, spec.block_ids[:ok]] += 1.0
+        with job.lock if job is not None else contextlib.nullcontext():
+            if job is not None and job.cancelled:
+                return 0, list(spec.block_ids)
+            self.layout.scatter(self.buffer.tensor, spec.slots[:ok], spec.block_ids[:ok])
+            if hooks.get("corrupt") and ok and hooks.get("fail_rank") in (None, self.rank):
+                # Sensitivity check for tests: perturb what was loaded, report success.
+                for lv in self.layout.layers:
+                    lv.tensor[:, spec.block_ids[:ok]] += 1.0
         dt = time.perf_counter() - t0
         with self._lock:
             self.counters.load_blocks += ok
@@ -136,14 +166,33 @@ class AIBrixWorker:
             self.counters.load_seconds += dt
         return ok, spec.block_ids[ok:]
 
-    def _fetch_l2(self, spec: LoadSpec, lo: int, hi: int) -> int:
-        """Fetch this rank's shards of ``spec.l2_keys[lo:hi]`` into their slots."""
+    def _fetch_l2(self, spec: LoadSpec, lo: int, hi: int, job: _InflightLoad | None = None) -> int:
+        """Fetch this rank's shards of ``spec.l2_keys[lo:hi]`` into their slots.
+
+        Async loads fetch into private buffers and copy into the slots only if
+        the load was not abandoned meanwhile: an abandoned load's slots go
+        back to the scheduler, which may reuse them at once.
+        """
         assert self.buffer is not None
         if self.l2 is None:
             return 0
         keys = [k for k in spec.l2_keys[lo:hi] if k is not None]
-        dst = [self.buffer.slot(s) for s in spec.slots[lo:hi]]
-        got = int(self.l2.get_blocks(keys, self.rank, dst))
+        slots = spec.slots[lo:hi]
+        if job is None:
+            return self._count_l2(
+                self.l2.get_blocks(keys, self.rank, [self.buffer.slot(s) for s in slots])
+            )
+        staging = torch.empty((len(slots), self.info.slot_bytes), dtype=torch.uint8)
+        got = int(self.l2.get_blocks(keys, self.rank, list(staging)))
+        with job.lock:
+            if job.cancelled:
+                return 0
+            for i in range(got):
+                self.buffer.slot(slots[i]).copy_(staging[i])
+        return self._count_l2(got)
+
+    def _count_l2(self, got: int) -> int:
+        got = int(got)
         with self._lock:
             self.counters.l2_get_blocks += got
         return got
@@ -151,15 +200,37 @@ class AIBrixWorker:
     def poll_finished(self) -> set[str]:
         """Async loads finished since the last call (their errors are queued)."""
         done: set[str] = set()
-        for req_id, (spec, fut) in list(self._inflight.items()):
+        now = time.monotonic()
+        for req_id, job in list(self._inflight.items()):
+            fut = job.future
+            assert fut is not None
             if not fut.done():
-                continue
+                if now < job.deadline:
+                    continue
+                with job.lock:
+                    late = not fut.done()
+                    if late:
+                        job.cancelled = True
+                if late:
+                    logger.warning(
+                        "aibrix rank %d: load for %s exceeded %.1fs; recomputing it",
+                        self.rank,
+                        req_id,
+                        self.config.tp_agreement_timeout_s,
+                    )
+                    del self._inflight[req_id]
+                    with self._lock:
+                        self.counters.load_timeouts += 1
+                    self._errors.update(job.spec.block_ids)
+                    self._loaded[req_id] = 0
+                    done.add(req_id)
+                    continue
             del self._inflight[req_id]
             try:
                 n_ok, failed = fut.result()
             except Exception:
                 logger.exception("aibrix: load for %s failed; recomputing it", req_id)
-                n_ok, failed = 0, list(spec.block_ids)
+                n_ok, failed = 0, list(job.spec.block_ids)
             self._errors.update(failed)
             self._loaded[req_id] = n_ok
             done.add(req_id)
