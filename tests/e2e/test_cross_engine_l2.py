@@ -27,26 +27,13 @@ from tests.e2e.harness import (
     shutdown,
     tiny_model,
 )
-from tests.integration.conftest import RedisServer, free_port
+from tests.integration.conftest import RedisServer
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 SHARED = [prompt_tokens(11, 4 * BLOCK + 30), prompt_tokens(12, 2 * BLOCK + 5)]
 CORRUPTED = [prompt_tokens(13, 3 * BLOCK + 9)]
 PROMPTS = SHARED + CORRUPTED
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(port=free_port(), workdir=str(tmp_path_factory.mktemp("redis")))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(tmp_path_factory.mktemp("engines"))
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from tests.e2e.harness import (
     same_output,
     tiny_model,
 )
-from tests.integration.conftest import RedisServer, free_port
+from tests.integration.conftest import RedisServer
 from vllm_aibrix.core.keys import chain_hashes, rank_key
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -48,19 +48,6 @@ def monkeypatch_module() -> Iterator[pytest.MonkeyPatch]:
     mp = pytest.MonkeyPatch()
     yield mp
     mp.undo()
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(port=free_port(), workdir=str(tmp_path_factory.mktemp("redis")))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return Path(tmp_path_factory.mktemp("engines"))
 
 
 def _extra(redis: RedisServer) -> dict[str, Any]:
