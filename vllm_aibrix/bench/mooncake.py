@@ -276,28 +276,39 @@ class MooncakeCluster:
         _wait_port(self.rpc_port, self.master, 20)
         _wait_port(self.http_port, self.master, 20)
 
-    def start_node(self) -> None:
-        """Start the storage node and wait until it has mounted its segment."""
-        self.node = subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                _NODE_PY,
-                self.metadata_url,
-                self.master_addr,
-                str(self.segment_mb),
-                str(self.node_buffer_mb),
-            ],
-            cwd=self.workdir,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=self._log("node"),
-        )
-        assert self.node.stdout is not None
-        line = self.node.stdout.readline().decode().strip()
-        if line != "READY":
+    def start_node(self, attempts: int = 5) -> None:
+        """Start the storage node and wait until it has mounted its segment.
+
+        Setup can be refused for a while after a node died: the master keeps
+        the dead client's segment until ``client_ttl`` expires (and longer on
+        a loaded machine), so a refused setup is retried a few times.
+        """
+        line = ""
+        for attempt in range(attempts):
+            self.node = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    _NODE_PY,
+                    self.metadata_url,
+                    self.master_addr,
+                    str(self.segment_mb),
+                    str(self.node_buffer_mb),
+                ],
+                cwd=self.workdir,
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=self._log("node"),
+            )
+            assert self.node.stdout is not None
+            line = self.node.stdout.readline().decode().strip()
+            if line == "READY":
+                return
             _stop(self.node)
-            raise RuntimeError(f"storage node did not start ({line!r}); see {self.workdir}")
+            if not line.startswith("SETUP FAILED") or attempt == attempts - 1:
+                break
+            time.sleep(self.client_ttl_s + 1.0)
+        raise RuntimeError(f"storage node did not start ({line!r}); see {self.workdir}")
 
     def start(self) -> MooncakeCluster:
         self.start_master()
