@@ -147,13 +147,22 @@ class Hooks:
         self.path.write_text("{}")
 
 
-def run_engine_process(spec: dict[str, Any], workdir: Path, timeout: float = 600) -> dict[str, Any]:
-    """Run tests/e2e/run_engine.py with ``spec`` in a fresh process; parse its JSON."""
+def run_engine_process(
+    spec: dict[str, Any],
+    workdir: Path,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run tests/e2e/run_engine.py with ``spec`` in a fresh process; parse its JSON.
+
+    ``env`` replaces the inherited environment (e.g. one that preloads
+    Mooncake's bind-to-loopback library); default: this process's.
+    """
     import subprocess
 
     path = workdir / f"engine-{random.randrange(1 << 30)}.json"
     path.write_text(json.dumps(spec))
-    env = dict(os.environ)
+    env = dict(os.environ if env is None else env)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     proc = subprocess.run(
         [sys.executable, str(REPO / "tests" / "e2e" / "run_engine.py"), str(path)],

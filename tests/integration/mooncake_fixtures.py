@@ -151,6 +151,40 @@ class RemoteBackend:
         self._log.close()
 
 
+# 127.0.0.1 as /proc/net/tcp prints it, and as a v4-mapped IPv6 address in tcp6.
+LOOPBACK_HEX = frozenset({"0100007F", "0000000000000000FFFF00000100007F"})
+
+
+def listening_addresses(pid: int) -> set[str]:
+    """Local addresses (``/proc/net`` hex) of the TCP sockets ``pid`` listens on.
+
+    Empty when the process is gone. Compare against :data:`LOOPBACK_HEX`.
+    """
+    inodes = set()
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return set()
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # 0A = LISTEN
+                out.add(f[1].rsplit(":", 1)[0])
+    return out
+
+
 def _serve(address: str, authkey: bytes) -> None:
     """Child side: build the backend, then execute requests until told to exit."""
     from vllm_aibrix.core.config import CacheConfig
