@@ -7,7 +7,6 @@ so tests can inspect the connector's scheduler and worker halves directly.
 from __future__ import annotations
 
 import contextlib
-import gc
 import json
 import os
 import random
@@ -17,10 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# The engine pieces are shared with the connector benchmark; re-exported here.
+from vllm_aibrix.bench._engine import BLOCK as BLOCK
+from vllm_aibrix.bench._engine import connector_config as connector_config
+from vllm_aibrix.bench._engine import make_llm as make_llm
+from vllm_aibrix.bench._engine import random_tokens
+from vllm_aibrix.bench._engine import scheduler_half as scheduler_half
+from vllm_aibrix.bench._engine import shutdown as shutdown
+
 REPO = Path(__file__).resolve().parents[2]
 MODEL_CACHE = REPO / ".cache" / "tiny-llama"
-BLOCK = 128  # CPU attention needs a multiple of 32; 128 is vLLM's CPU default
 LOGPROB_ATOL = 1e-3
+
+prompt_tokens = random_tokens  # the name the test modules use
 
 
 def tiny_model() -> str:
@@ -31,45 +39,6 @@ def tiny_model() -> str:
     finally:
         sys.path.pop(0)
     return str(build(MODEL_CACHE))
-
-
-def connector_config(extra: dict[str, Any] | None = None, **kw: Any) -> Any:
-    from vllm.config import KVTransferConfig
-
-    return KVTransferConfig(
-        kv_connector="AIBrixOffloadingConnector",
-        kv_connector_module_path="vllm_aibrix.vllm.connector",
-        kv_role="kv_both",
-        kv_load_failure_policy="recompute",
-        kv_connector_extra_config=dict(extra or {}),
-        **kw,
-    )
-
-
-def make_llm(model: str, *, kv_transfer_config: Any = None, **kw: Any) -> Any:
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
-
-    args: dict[str, Any] = dict(
-        model=model,
-        max_model_len=4096,
-        block_size=BLOCK,
-        enforce_eager=True,
-        dtype="bfloat16",
-        distributed_executor_backend="uni",
-        seed=0,
-        kv_transfer_config=kv_transfer_config,
-    )
-    args.update(kw)
-    return LLM(**args)
-
-
-def shutdown(llm: Any) -> None:
-    with contextlib.suppress(Exception):
-        llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
 
 
 @contextlib.contextmanager
@@ -112,18 +81,6 @@ def same_output(a: Completion, b: Completion, atol: float = LOGPROB_ATOL) -> boo
     return a.token_ids == b.token_ids and all(
         abs(x - y) <= atol for x, y in zip(a.logprobs, b.logprobs, strict=True)
     )
-
-
-def prompt_tokens(seed: int, n: int, vocab: int = 256) -> list[int]:
-    """Deterministic pseudo-random byte tokens (the tiny model's vocabulary)."""
-    rng = random.Random(seed)
-    return [rng.randrange(vocab) for _ in range(n)]
-
-
-def scheduler_half(llm: Any) -> Any:
-    """The connector's scheduler half inside an in-process engine."""
-    core = llm.llm_engine.engine_core.engine_core
-    return core.scheduler.connector._scheduler
 
 
 def worker_half() -> Any:

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -37,16 +35,17 @@ from pathlib import Path
 from typing import Any
 
 from vllm_aibrix.bench._common import add_output_args, emit, machine
+from vllm_aibrix.bench._engine import (
+    BLOCK,
+    connector_config,
+    make_llm,
+    random_tokens,
+    scheduler_half,
+    shutdown,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL_DIR = REPO / ".cache" / "bench-llama-8l"
-BLOCK = 128
-CONNECTOR: dict[str, Any] = {
-    "kv_connector": "AIBrixOffloadingConnector",
-    "kv_connector_module_path": "vllm_aibrix.vllm.connector",
-    "kv_role": "kv_both",
-    "kv_load_failure_policy": "recompute",
-}
 
 
 def _model(path: str | None, layers: int) -> str:
@@ -62,37 +61,9 @@ def _model(path: str | None, layers: int) -> str:
 
 
 def _engine(model: str, with_connector: bool, extra: dict[str, Any]) -> Any:
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    # Small engine KV memory, as on a busy server (and as in the tests).
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # Keep vLLM's INFO lines off stdout, where the JSON goes.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from vllm import LLM
-    from vllm.config import KVTransferConfig
-
-    ktc = KVTransferConfig(**CONNECTOR, kv_connector_extra_config=extra) if with_connector else None
-    return LLM(
-        model=model,
-        max_model_len=4096,
-        block_size=BLOCK,
-        enforce_eager=True,
-        dtype="bfloat16",
-        distributed_executor_backend="uni",
-        seed=0,
-        kv_transfer_config=ktc,
-    )
-
-
-def _shutdown(llm: Any) -> None:
-    with contextlib.suppress(Exception):
-        llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-
-
-def _tokens(seed: int, n: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(256) for _ in range(n)]
+    return make_llm(model, kv_transfer_config=connector_config(extra) if with_connector else None)
 
 
 def _generate(llm: Any, prompts: Sequence[list[int]], max_tokens: int) -> list[Any]:
@@ -106,7 +77,7 @@ def _generate(llm: Any, prompts: Sequence[list[int]], max_tokens: int) -> list[A
 
 def _l1_totals(llm: Any) -> dict[str, float]:
     """The connector's cumulative scheduler counters (in-process engine only)."""
-    sched = llm.llm_engine.engine_core.engine_core.scheduler.connector._scheduler
+    sched = scheduler_half(llm)
     sched.take_counters()
     return dict(sched.totals)
 
@@ -199,7 +170,7 @@ def _miss_engine_run(args: argparse.Namespace, model: str) -> dict[str, Any]:
     # (and warm-up) gets a fresh prompt set, identical for both engines.
     seeds = range(rnd * reps_per_round, (rnd + 1) * reps_per_round)
     sets = [
-        [_tokens(10_000 * r + i, args.miss_prompt_tokens) for i in range(args.miss_prompts)]
+        [random_tokens(10_000 * r + i, args.miss_prompt_tokens) for i in range(args.miss_prompts)]
         for r in seeds
     ]
     with_conn = name == "connector"
@@ -229,7 +200,7 @@ def _miss_engine_run(args: argparse.Namespace, model: str) -> dict[str, Any]:
             out["stored_blocks"] = totals.get("stored_blocks", 0)
             out["hit_tokens_l1"] = totals.get("hit_tokens_l1", 0)
     finally:
-        _shutdown(llm)
+        shutdown(llm)
     return out
 
 
@@ -290,9 +261,10 @@ def run_miss(args: argparse.Namespace, model: str) -> dict[str, Any]:
 # ----------------------------------------------------------------- reuse
 def run_reuse(args: argparse.Namespace, model: str) -> dict[str, Any]:
     """One-token request latency with the shared prefix from L1 vs recomputed."""
-    prefix = _tokens(1, args.reuse_prefix_tokens)
+    prefix = random_tokens(1, args.reuse_prefix_tokens)
     prompts = [
-        prefix + _tokens(1000 + i, args.reuse_tail_tokens) for i in range(2 * args.reuse_iters + 1)
+        prefix + random_tokens(1000 + i, args.reuse_tail_tokens)
+        for i in range(2 * args.reuse_iters + 1)
     ]
     print("[bench connector] reuse: starting engine (connector)", file=sys.stderr, flush=True)
     llm = _engine(model, True, args.extra)
@@ -328,7 +300,7 @@ def run_reuse(args: argparse.Namespace, model: str) -> dict[str, Any]:
         mismatches += int(list(cold) != list(warm))
         counters = _l1_totals(llm)
     finally:
-        _shutdown(llm)
+        shutdown(llm)
     hit_med, miss_med = statistics.median(hit_s), statistics.median(miss_s)
     return {
         "prefix_tokens": args.reuse_prefix_tokens,
