@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -132,29 +131,6 @@ def test_capabilities_declare_batched_and_zero_copy_get(mooncake_client: RemoteB
     assert caps.batched and caps.zero_copy_get and caps.shared_across_hosts
 
 
-def _listening(pid: int) -> set[str]:
-    """Local addresses of the TCP sockets ``pid`` listens on (from /proc)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    out = set()
-    for table in ("tcp", "tcp6"):
-        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] == "0A" and f[9] in inodes:  # 0A = LISTEN
-                out.add(f[1].rsplit(":", 1)[0])
-    return out
-
-
-# 127.0.0.1 as /proc/net/tcp prints it, and as a v4-mapped IPv6 address in tcp6.
-_LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F"}
-
-
 def test_every_mooncake_process_listens_on_loopback_only(
     mooncake_cluster: MooncakeCluster, mooncake_client: RemoteBackend
 ) -> None:
@@ -163,9 +139,12 @@ def test_every_mooncake_process_listens_on_loopback_only(
         "node": mooncake_cluster.node.pid,  # type: ignore[union-attr]
         "client": mooncake_client.proc.pid,
     }
-    found = {name: _listening(pid) for name, pid in pids.items()}
+    # Imported here: a top-level import of a pytest_plugins module warns.
+    from tests.integration.mooncake_fixtures import LOOPBACK_HEX, listening_addresses
+
+    found = {name: listening_addresses(pid) for name, pid in pids.items()}
     assert all(found.values()), found  # each of them does listen on something
-    assert {name: addrs - _LOOPBACK for name, addrs in found.items()} == {
+    assert {name: addrs - LOOPBACK_HEX for name, addrs in found.items()} == {
         "master": set(),
         "node": set(),
         "client": set(),
