@@ -88,6 +88,7 @@ class AIBrixWorker:
         self._done_recv: set[str] = set()
         self._errors: set[int] = set()
         self._loaded: dict[str, int] = {}
+        self._l2_reported: dict[str, int] = {}  # L2Store totals already shipped
 
     # ----------------------------------------------------------- setup
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], num_blocks: int) -> None:
@@ -266,6 +267,7 @@ class AIBrixWorker:
         with self._lock:
             out = self.counters.take()
         if self.l2 is not None:
+            # L2Store counts cumulatively; ship what is new since the last call.
             st = self.l2.stats
             for name, attr in (
                 ("l2_errors", "errors"),
@@ -273,10 +275,9 @@ class AIBrixWorker:
                 ("l2_ingest_dropped_blocks", "ingest_dropped_blocks"),
             ):
                 total = int(getattr(st, attr, 0))
-                prev = getattr(self, f"_last_{attr}", 0)
-                if total > prev:
-                    out[name] = total - prev
-                setattr(self, f"_last_{attr}", total)
+                if total > self._l2_reported.get(attr, 0):
+                    out[name] = total - self._l2_reported.get(attr, 0)
+                self._l2_reported[attr] = total
         return out
 
     def shutdown(self) -> None:
