@@ -25,7 +25,7 @@ from vllm_aibrix.bench._engine import scheduler_half as scheduler_half
 from vllm_aibrix.bench._engine import shutdown as shutdown
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL_CACHE = REPO / ".cache" / "tiny-llama"
+MODEL_CACHE = REPO / ".cache" / "tiny-llama-fp32"  # float32: see scripts/make_tiny_model.py
 LOGPROB_ATOL = 1e-3
 
 prompt_tokens = random_tokens  # the name the test modules use
@@ -90,11 +90,14 @@ def worker_half() -> Any:
 
 
 class Hooks:
-    """Writes the worker's fault-injection file (see vllm_aibrix.vllm.worker)."""
+    """Writes the workers' fault file (``vllm_aibrix.vllm.faults.FileFaults``).
+
+    Engines built after this object read the file at every load.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        os.environ["VLLM_AIBRIX_TEST_HOOKS"] = str(path)
+        os.environ["AIBRIX_KV_CACHE_OL_DEBUG_FAULT_FILE"] = str(path)
         self.clear()
 
     def set(self, **hooks: Any) -> None:

@@ -56,7 +56,7 @@ def _extra(redis: RedisServer) -> dict[str, Any]:
         "redis_url": redis.url,
         "l2_cache_ingestion_type": "ALL",
         "l1_cache_capacity_gb": 0.25,
-        "tp_agreement_timeout_s": TIMEOUT_S,
+        "load_deadline_s": TIMEOUT_S,
     }
 
 

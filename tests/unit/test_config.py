@@ -23,7 +23,7 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("infinistore_port", 70000),
     ("infinistore_connection_type", "UDP"),
     ("l1_cache_eviction_policy", "MRU"),
-    ("tp_agreement_timeout_s", 0),
+    ("load_deadline_s", 0),
 ]
 
 

@@ -36,7 +36,10 @@ from vllm_aibrix.core.l1 import L1Index
 from vllm_aibrix.core.policy.registry import resolve_policy
 
 PREFIX_SUFFIX = "-prefix"
-DEFAULT_TRACE = "/work/shared/traces/mooncake_conversation_trace.jsonl"
+# shared/ lies beside the repository checkout.
+DEFAULT_TRACE = str(
+    Path(__file__).resolve().parents[3] / "shared" / "traces" / "mooncake_conversation_trace.jsonl"
+)
 MATRIX_POLICIES = ("lru", "fifo", "s3fifo", "sieve")
 MATRIX_FRACTIONS = (0.01, 0.05, 0.10, 0.30)
 

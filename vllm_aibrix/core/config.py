@@ -221,15 +221,24 @@ class CacheConfig:
             "MIN_HIT_TOKENS", "Ignore external hits shorter than this many tokens (0 = any)."
         ),
     )
-    tp_agreement_timeout_s: float = field(
+    load_deadline_s: float = field(
         default=10.0,
         metadata=_meta(
-            "TP_AGREEMENT_TIMEOUT_S",
-            "How long TP ranks wait for each other to agree on the loaded prefix.",
+            "LOAD_DEADLINE_S",
+            "Per-rank deadline of one async load; a rank that misses it reports the "
+            "load failed and vLLM recomputes those tokens (no rank waits for another).",
         ),
     )
     metrics_enabled: bool = field(
         default=True, metadata=_meta("METRICS_ENABLED", "Export Prometheus metrics.")
+    )
+    debug_fault_file: str = field(
+        default="",
+        metadata=_meta(
+            "DEBUG_FAULT_FILE",
+            "Testing only: a JSON file of load faults the workers inject "
+            "(see vllm_aibrix/vllm/faults.py). Empty = no faults.",
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -246,7 +255,7 @@ class CacheConfig:
         self._check_positive("mooncake_global_segment_size_mb", allow_zero=True)
         self._check_positive("mooncake_local_buffer_size_mb", allow_zero=False)
         self._check_positive("min_hit_tokens", allow_zero=True)
-        self._check_positive("tp_agreement_timeout_s", allow_zero=False)
+        self._check_positive("load_deadline_s", allow_zero=False)
         self._check_range("infinistore_port", 1, 65535, inclusive=True)
         for f in fields(self):
             choices = f.metadata.get("choices")

@@ -81,7 +81,7 @@ PROM_COUNTERS: dict[str, str] = {
     "l1_evictions": "Blocks evicted from L1",
     "load_failures": "Loads where at least one block failed (recomputed)",
     "load_failed_blocks": "Blocks that failed to load (recomputed)",
-    "load_timeouts": "Loads abandoned by a rank after tp_agreement_timeout_s (recomputed)",
+    "load_timeouts": "Loads abandoned by a rank after load_deadline_s (recomputed)",
     "load_blocks": "Block shards copied into the engine",
     "load_bytes": "Bytes copied into the engine",
     "load_seconds": "Seconds spent loading",

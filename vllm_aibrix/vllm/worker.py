@@ -12,43 +12,23 @@ hang the group: a load is bounded by the L2 operation timeout.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from vllm_aibrix.core.config import CacheConfig, L2Backend
-from vllm_aibrix.core.keys import rank_key
 from vllm_aibrix.core.memory import SlotBuffer
 from vllm_aibrix.vllm.copy import KVLayout
 from vllm_aibrix.vllm.engine_info import EngineInfo
+from vllm_aibrix.vllm.faults import FileFaults, LoadFaults, NoFaults, perturb_blocks
 from vllm_aibrix.vllm.metadata import AIBrixConnectorMetadata, AIBrixWorkerMetadata, LoadSpec
 from vllm_aibrix.vllm.stats import ConnectorCounters
 
 logger = logging.getLogger(__name__)
-
-# Tests point this at a JSON file to inject faults into running engines
-# without restarting them: {"fail_after_blocks": k, "fail_rank": r,
-# "corrupt": true, "stall_s": s, "delete_l2_keys": [hex storage key, ...]}.
-# Read at most once per load; absent = off.
-TEST_HOOKS_ENV = "VLLM_AIBRIX_TEST_HOOKS"
-
-
-def _read_hooks() -> dict[str, Any]:
-    path = os.environ.get(TEST_HOOKS_ENV)
-    if not path:
-        return {}
-    try:
-        with open(path) as f:
-            return dict(json.load(f))
-    except (OSError, ValueError):
-        return {}
-
 
 class _InflightLoad:
     """An async load and the lock that decides whether it may still write.
@@ -70,7 +50,15 @@ class _InflightLoad:
 class AIBrixWorker:
     """Worker-side logic for one TP rank."""
 
-    def __init__(self, config: CacheConfig, info: EngineInfo, rank: int) -> None:
+    def __init__(
+        self,
+        config: CacheConfig,
+        info: EngineInfo,
+        rank: int,
+        *,
+        faults: LoadFaults | None = None,
+        executor: Executor | None = None,
+    ) -> None:
         self.config = config
         self.info = info
         self.rank = rank
@@ -83,7 +71,14 @@ class AIBrixWorker:
             self.l2 = L2Store(config, info.namespace.digest)
         self.counters = ConnectorCounters()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aibrix-load")
+        if faults is None:
+            faults = FileFaults(config.debug_fault_file) if config.debug_fault_file else NoFaults()
+        self.faults = faults
+        # Async loads run here; the scheduler simulation substitutes an
+        # executor it steps by hand, so its runs are reproducible.
+        self.executor: Executor = executor or ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="aibrix-load"
+        )
         self._inflight: dict[str, _InflightLoad] = {}
         self._done_recv: set[str] = set()
         self._errors: set[int] = set()
@@ -118,8 +113,8 @@ class AIBrixWorker:
             self.counters.l2_put_blocks += self.l2.submit_put(keys, self.rank, src)
         for spec in meta.loads:
             if spec.is_async:
-                job = _InflightLoad(spec, time.monotonic() + self.config.tp_agreement_timeout_s)
-                job.future = self._pool.submit(self._load, spec, job)
+                job = _InflightLoad(spec, time.monotonic() + self.config.load_deadline_s)
+                job.future = self.executor.submit(self._load, spec, job)
                 self._inflight[spec.req_id] = job
             else:
                 n_ok, failed = self._load(spec)
@@ -130,12 +125,11 @@ class AIBrixWorker:
         """Fill slots from L2 where needed, then copy the good prefix into the engine."""
         assert self.buffer is not None and self.layout is not None
         t0 = time.perf_counter()
-        hooks = _read_hooks()
-        if hooks.get("delete_l2_keys") and self.l2 is not None:
-            doomed = set(hooks["delete_l2_keys"])
-            for k in spec.l2_keys:
-                if k is not None and rank_key(k, self.rank).hex() in doomed:
-                    self.l2.delete([k], [self.rank])
+        doomed = self.faults.l2_keys_to_drop(
+            self.rank, [k for k in spec.l2_keys if k is not None]
+        )
+        if doomed and self.l2 is not None:
+            self.l2.delete(doomed, [self.rank])
         n = len(spec.slots)
         ok = 0
         while ok < n and spec.slots[ok] >= 0 and spec.l2_keys[ok] is None:
@@ -146,20 +140,14 @@ class AIBrixWorker:
         if ok > first_l2:
             got = self._fetch_l2(spec, first_l2, ok, job)
             ok = first_l2 + got
-        if hooks and hooks.get("fail_rank") in (None, self.rank):
-            stall = float(hooks.get("stall_s", 0) or 0)
-            if stall:
-                time.sleep(stall)
-            if "fail_after_blocks" in hooks:
-                ok = min(ok, int(hooks["fail_after_blocks"]))
+        ok = min(ok, self.faults.loaded_limit(self.rank, spec.req_id, ok))
         with job.lock if job is not None else contextlib.nullcontext():
             if job is not None and job.cancelled:
                 return 0, list(spec.block_ids)
             self.layout.scatter(self.buffer.tensor, spec.slots[:ok], spec.block_ids[:ok])
-            if hooks.get("corrupt") and ok and hooks.get("fail_rank") in (None, self.rank):
+            if ok and self.faults.corrupt(self.rank, spec.req_id):
                 # Sensitivity check for tests: perturb what was loaded, report success.
-                for lv in self.layout.layers:
-                    lv.tensor[:, spec.block_ids[:ok]] += 1.0
+                perturb_blocks(self.layout.layers, spec.block_ids[:ok])
         dt = time.perf_counter() - t0
         with self._lock:
             self.counters.load_blocks += ok
@@ -217,7 +205,7 @@ class AIBrixWorker:
                         "aibrix rank %d: load for %s exceeded %.1fs; recomputing it",
                         self.rank,
                         req_id,
-                        self.config.tp_agreement_timeout_s,
+                        self.config.load_deadline_s,
                     )
                     del self._inflight[req_id]
                     with self._lock:
@@ -281,7 +269,7 @@ class AIBrixWorker:
         return out
 
     def shutdown(self) -> None:
-        self._pool.shutdown(wait=True)
+        self.executor.shutdown(wait=True)
         if self.l2 is not None:
             self.l2.flush(timeout=5.0)
             self.l2.close()
