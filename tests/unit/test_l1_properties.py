@@ -2,7 +2,7 @@
 
 A hypothesis state machine drives random insert / lookup / pin / unpin /
 remove / clear sequences and checks, after every step, against a model built
-only from the L1 listener's events:
+only from the events L1 operations return:
 
 * capacity is never exceeded and no slot leaks (used slots == resident keys);
 * a pinned slot is never evicted;
@@ -25,7 +25,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from vllm_aibrix.core.l1 import L1Index, L1Listener
+from vllm_aibrix.core.l1 import L1Events, L1Index
 from vllm_aibrix.core.memory import SlotAllocator, SlotPool
 
 KEYS = st.integers(min_value=0, max_value=40)
@@ -37,30 +37,30 @@ SETTINGS = settings(
 )
 
 
-class RecordingListener(L1Listener):
+class EventModel:
     """Keeps the model of what is resident from events alone, and checks each event."""
 
-    def __init__(self) -> None:
-        self.index: L1Index | None = None
+    def __init__(self, index: L1Index) -> None:
+        self.index = index
         self.live: dict[object, int] = {}
         self.errors: list[str] = []
 
-    def on_inserted(self, key: object, slot: int) -> None:
-        if key in self.live:
-            self.errors.append(f"inserted {key!r} twice")
-        self.live[key] = slot
-
-    def on_hot(self, key: object, slot: int) -> None:
-        if self.live.get(key) != slot:
-            self.errors.append(f"hot {key!r} in slot {slot} is not resident there")
-
-    def on_evicted(self, key: object, slot: int) -> None:
-        assert self.index is not None
-        if self.live.get(key) != slot:
-            self.errors.append(f"evicted {key!r} from slot {slot} which it does not hold")
-        if self.index.allocator.is_pinned(slot):
-            self.errors.append(f"evicted {key!r} from pinned slot {slot}")
-        self.live.pop(key, None)
+    def record(self, events: L1Events) -> None:
+        for key, slot in events.evicted:
+            if self.live.get(key) != slot:
+                self.errors.append(f"evicted {key!r} from slot {slot} which it does not hold")
+            if self.index.allocator.is_pinned(slot) and self.index.slot_of(key) is None:
+                self.errors.append(f"evicted {key!r} from pinned slot {slot}")
+            self.live.pop(key, None)
+        for key, slot in events.placed:
+            if key in self.live:
+                self.errors.append(f"inserted {key!r} twice")
+            self.live[key] = slot
+        for key in events.removed:
+            self.live.pop(key, None)
+        for key in events.hot:
+            if key not in self.live or self.index.slot_of(key) != self.live[key]:
+                self.errors.append(f"hot {key!r} is not resident")
 
 
 class L1Machine(RuleBasedStateMachine):
@@ -72,9 +72,8 @@ class L1Machine(RuleBasedStateMachine):
         prefix_aware=st.booleans(),
     )
     def setup(self, num_slots: int, policy: str, prefix_aware: bool) -> None:
-        self.listener = RecordingListener()
-        self.l1 = L1Index(num_slots, policy, prefix_aware=prefix_aware, listener=self.listener)
-        self.listener.index = self.l1
+        self.l1 = L1Index(num_slots, policy, prefix_aware=prefix_aware)
+        self.listener = EventModel(self.l1)
         self.pins: list[list[int]] = []  # outstanding pin() results
         self.pinned_keys: Counter[object] = Counter()
 
@@ -82,7 +81,9 @@ class L1Machine(RuleBasedStateMachine):
     def insert(self, chain: list[int], parent: int | None) -> None:
         if parent in chain:
             parent = None
-        placed = self.l1.insert(chain, parent=parent)
+        events = self.l1.insert(chain, parent=parent)
+        self.listener.record(events)
+        placed = events.placed
         new = {k for k, _ in placed}
         assert [k for k, _ in placed] == [k for k in chain if k in new], "head-first order"
         for k, slot in placed:
@@ -90,7 +91,8 @@ class L1Machine(RuleBasedStateMachine):
 
     @rule(chain=st.lists(KEYS, min_size=1, max_size=8, unique=True))
     def lookup(self, chain: list[int]) -> None:
-        n = self.l1.lookup(chain)
+        n, events = self.l1.lookup(chain)
+        self.listener.record(events)
         assert n == self.l1.prefix_length(chain)
         assert all(k in self.l1 for k in chain[:n])
         assert n == len(chain) or chain[n] not in self.l1
@@ -119,11 +121,11 @@ class L1Machine(RuleBasedStateMachine):
     @rule(key=KEYS)
     def remove(self, key: int) -> None:
         slot = self.l1.slot_of(key)
-        removed = self.l1.remove(key)
+        events = self.l1.remove(key)
+        removed = key in events.removed
         if slot is not None and self.l1.allocator.is_pinned(slot):
             assert not removed, "a pinned key was removed"
-        if removed:
-            self.listener.live.pop(key, None)
+        self.listener.record(events)
 
     @rule()
     def clear(self) -> None:

@@ -121,7 +121,7 @@ def replay(
         base = policy[: -len(PREFIX_SUFFIX)]
         l1 = L1Index(capacity_blocks, base, policy_params=params, prefix_aware=True)
         for input_length, ids in requests:
-            n = l1.lookup(ids)  # leading hits, counted as accesses
+            n, _ = l1.lookup(ids)  # leading hits, counted as accesses
             later = [k for k in ids[n:] if k in l1]
             if later:
                 l1.touch(later)

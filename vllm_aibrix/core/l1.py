@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vllm_aibrix.core.memory import SlotAllocator
 from vllm_aibrix.core.policy.base import EvictionPolicy
 from vllm_aibrix.core.policy.registry import resolve_policy
 
-Key = Hashable
+# Any hashable: the planner uses 16-byte block keys, the replay simulator ints.
+IndexKey = Hashable
 
 
 @dataclass
@@ -41,21 +42,30 @@ class L1Stats:
     insert_failures: int = 0
 
 
-class L1Listener:
-    """Receives L1 events. Default methods do nothing; override what you need.
+@dataclass
+class L1Events:
+    """What one L1 operation did, returned as data for the caller to act on.
 
-    ``on_evicted`` is called before the slot is handed to anyone else, so the
-    listener may still copy the bytes out (ingestion type EVICTED).
+    The index never calls out while it mutates itself: the caller (the tier
+    planner) decides what an event means once it knows which slots hold which
+    bytes (e.g. a hot key whose slot is still being filled is not written to
+    L2).
+
+    * ``placed``: keys given a slot by this operation, head of chain first.
+    * ``evicted``: keys that lost their slot to make room (policy victims and
+      their now-unreachable descendants). The slot is free again but its bytes
+      are still the victim's until something writes into it.
+    * ``hot``: resident keys the policy now considers reused.
+    * ``removed``: keys the caller asked to drop (invalidation, not eviction).
     """
 
-    def on_inserted(self, key: Key, slot: int) -> None:
-        pass
+    placed: list[tuple[IndexKey, int]] = field(default_factory=list)
+    evicted: list[tuple[IndexKey, int]] = field(default_factory=list)
+    hot: list[IndexKey] = field(default_factory=list)
+    removed: list[IndexKey] = field(default_factory=list)
 
-    def on_hot(self, key: Key, slot: int) -> None:
-        pass
-
-    def on_evicted(self, key: Key, slot: int) -> None:
-        pass
+    def __bool__(self) -> bool:
+        return bool(self.placed or self.evicted or self.hot or self.removed)
 
 
 class L1Index:
@@ -68,7 +78,6 @@ class L1Index:
         *,
         policy_params: dict[str, Any] | None = None,
         prefix_aware: bool = True,
-        listener: L1Listener | None = None,
     ) -> None:
         cls = resolve_policy(policy) if isinstance(policy, str) else policy
         self.allocator = SlotAllocator(num_slots)
@@ -76,30 +85,28 @@ class L1Index:
             num_slots, on_hot=self._policy_hot, **(policy_params or {})
         )
         self.prefix_aware = prefix_aware
-        self.listener = listener or L1Listener()
         self.stats = L1Stats()
-        self._slot: dict[Key, int] = {}
-        self._parent: dict[Key, Key | None] = {}
-        self._children: dict[Key, set[Key]] = {}
+        self._slot: dict[IndexKey, int] = {}
+        self._parent: dict[IndexKey, IndexKey | None] = {}
+        self._children: dict[IndexKey, set[IndexKey]] = {}
         self._lock = threading.RLock()
-        self._inserting: set[Key] = set()
-        # While insert() runs, hot events wait here so listeners always see a
-        # key's on_inserted before its on_hot (S3FIFO reports a key coming
-        # back from its ghost queue as hot at insertion).
-        self._deferred_hot: list[Key] | None = None
+        self._inserting: set[IndexKey] = set()
+        # The events of the operation in progress (the policy reports hot keys
+        # through a callback; they are collected here, not passed on).
+        self._events = L1Events()
 
     # -- queries ---------------------------------------------------------------
     def __len__(self) -> int:
         return len(self._slot)
 
-    def __contains__(self, key: Key) -> bool:
+    def __contains__(self, key: IndexKey) -> bool:
         return key in self._slot
 
     @property
     def num_slots(self) -> int:
         return self.allocator.num_slots
 
-    def prefix_length(self, keys: Sequence[Key]) -> int:
+    def prefix_length(self, keys: Sequence[IndexKey]) -> int:
         """Number of leading ``keys`` present. Does not touch the policy."""
         with self._lock:
             n = 0
@@ -109,33 +116,34 @@ class L1Index:
                 n += 1
             return n
 
-    def lookup(self, keys: Sequence[Key]) -> int:
+    def lookup(self, keys: Sequence[IndexKey]) -> tuple[int, L1Events]:
         """Leading hit count; the hits count as accesses for the policy."""
         with self._lock:
             n = self.prefix_length(keys)
             self.stats.lookups += 1
             self.stats.hit_blocks += n
-            self.touch(keys[:n])
-            return n
+            return n, self.touch(keys[:n])
 
-    def touch(self, keys: Sequence[Key]) -> None:
+    def touch(self, keys: Sequence[IndexKey]) -> L1Events:
         """Record an access to resident ``keys`` (a chain, head first)."""
         with self._lock:
+            self._events = L1Events()
             order = reversed(keys) if self.prefix_aware else keys
             for k in order:
                 if k in self._slot:
                     self.policy.on_hit(k)
+            return self._take_events()
 
-    def slots_of(self, keys: Sequence[Key]) -> list[int]:
+    def slots_of(self, keys: Sequence[IndexKey]) -> list[int]:
         """Slots of resident keys (KeyError for a missing one)."""
         with self._lock:
             return [self._slot[k] for k in keys]
 
-    def slot_of(self, key: Key) -> int | None:
+    def slot_of(self, key: IndexKey) -> int | None:
         return self._slot.get(key)
 
     # -- pins ------------------------------------------------------------------
-    def pin(self, keys: Sequence[Key]) -> list[int]:
+    def pin(self, keys: Sequence[IndexKey]) -> list[int]:
         """Pin resident keys so they cannot be evicted; returns their slots."""
         with self._lock:
             slots = [self._slot[k] for k in keys]
@@ -147,7 +155,7 @@ class L1Index:
             self.allocator.unpin_many(slots)
 
     # -- mutation ----------------------------------------------------------------
-    def insert(self, keys: Sequence[Key], parent: Key | None = None) -> list[tuple[Key, int]]:
+    def insert(self, keys: Sequence[IndexKey], parent: IndexKey | None = None) -> L1Events:
         """Give slots to the keys of a chain that are not resident yet.
 
         ``keys`` is a chain, head first; ``parent`` is the key before
@@ -156,23 +164,23 @@ class L1Index:
         slot, evicting as the policy says (pinned slots and the chain itself
         are never victims). Stops at the first key that
         cannot be placed, since a later block without it could never hit.
-        Returns the new ``(key, slot)`` pairs, head first.
+        The new ``(key, slot)`` pairs are the result's ``placed``, head first.
         """
         with self._lock:
-            self._deferred_hot = []
-            try:
-                placed = self._place(keys, parent)
-            finally:
-                hot, self._deferred_hot = self._deferred_hot, None
+            self._events = L1Events()
+            placed = self._place(keys, parent)
             self.stats.inserts += len(placed)
-            for k, slot in placed:
-                self.listener.on_inserted(k, slot)
-            for k in hot:
-                self._policy_hot(k)
-            return placed
+            events = self._take_events()
+            events.placed = placed
+            # S3FIFO reports a key coming back from its ghost queue as hot
+            # while inserting it; a hot key must be resident to mean anything.
+            events.hot = [k for k in events.hot if k in self._slot]
+            return events
 
-    def _place(self, keys: Sequence[Key], parent: Key | None) -> list[tuple[Key, int]]:
-        placed: list[tuple[Key, int]] = []
+    def _place(
+        self, keys: Sequence[IndexKey], parent: IndexKey | None
+    ) -> list[tuple[IndexKey, int]]:
+        placed: list[tuple[IndexKey, int]] = []
         self._inserting = set(keys)
         try:
             prev = parent
@@ -204,30 +212,36 @@ class L1Index:
                 self.policy.on_insert(k)
         return placed
 
-    def remove(self, key: Key) -> bool:
-        """Drop a key (e.g. its bytes turned out bad). False if absent or pinned."""
+    def remove(self, key: IndexKey) -> L1Events:
+        """Drop a key (e.g. its bytes turned out bad); nothing if absent or pinned.
+
+        ``removed`` holds the key if it was dropped; descendants that became
+        unreachable are ``evicted`` (their bytes are still good).
+        """
         with self._lock:
+            self._events = L1Events()
             slot = self._slot.get(key)
             if slot is None or self.allocator.is_pinned(slot):
-                return False
+                return self._take_events()
             self.policy.remove(key)
             self._drop(key, notify=False)
-            return True
+            self._events.removed.append(key)
+            return self._take_events()
 
     def clear(self) -> None:
-        """Drop every unpinned key."""
+        """Drop every unpinned key (no events: nothing of them is wanted)."""
         with self._lock:
             for k in list(self._slot):
                 self.remove(k)
+            self._events = L1Events()
 
     # -- internals ---------------------------------------------------------------
     def _policy_hot(self, key: Hashable) -> None:
-        if self._deferred_hot is not None:
-            self._deferred_hot.append(key)
-            return
-        slot = self._slot.get(key)
-        if slot is not None:
-            self.listener.on_hot(key, slot)
+        self._events.hot.append(key)
+
+    def _take_events(self) -> L1Events:
+        events, self._events = self._events, L1Events()
+        return events
 
     def _skip(self, key: Hashable) -> bool:
         slot = self._slot.get(key)
@@ -244,7 +258,7 @@ class L1Index:
             slot = self.allocator.allocate()
         return slot
 
-    def _drop(self, key: Key, *, notify: bool) -> None:
+    def _drop(self, key: IndexKey, *, notify: bool) -> None:
         orphans = self._unlink(key, notify=notify)
         if not self.prefix_aware:
             return
@@ -259,7 +273,7 @@ class L1Index:
                 self.stats.cascade_evictions += 1
                 stack.extend(self._unlink(child, notify=True))
 
-    def _unlink(self, key: Key, *, notify: bool) -> set[Key]:
+    def _unlink(self, key: IndexKey, *, notify: bool) -> set[IndexKey]:
         """Forget ``key`` and free its slot; returns its (now parentless) children."""
         slot = self._slot.pop(key)
         parent = self._parent.pop(key, None)
@@ -269,7 +283,7 @@ class L1Index:
                 del self._children[parent]
         children = self._children.pop(key, set())
         if notify:
-            self.listener.on_evicted(key, slot)
+            self._events.evicted.append((key, slot))
         self.allocator.free(slot)
         for child in children:
             self._parent[child] = None

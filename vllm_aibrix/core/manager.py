@@ -15,19 +15,20 @@ before the slot is reused). Lookups continue into L2 where L1's prefix ends;
 
 from __future__ import annotations
 
+import itertools
 import threading
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from typing import cast
 
 import numpy as np
 import torch
 
-from vllm_aibrix.core.config import CacheConfig, IngestionType, L2Backend
+from vllm_aibrix.core.config import CacheConfig, L2Backend
 from vllm_aibrix.core.keys import Key, Namespace, chain_hashes
-from vllm_aibrix.core.l1 import L1Index, L1Listener
 from vllm_aibrix.core.l2.backend import L2BackendBase
 from vllm_aibrix.core.l2.store import L2Store
 from vllm_aibrix.core.memory import SlotBuffer
+from vllm_aibrix.core.planner import LoadPlan, TierPlanner
 
 
 def as_block_bytes(kv: torch.Tensor, block_bytes: int) -> torch.Tensor:
@@ -76,35 +77,13 @@ def copy_rows(
         i = j
 
 
-class _IngestionListener(L1Listener):
-    """Turns L1 policy events into L2 writes, then forwards them to the user's listener.
-
-    ``ALL`` is not handled here: ``on_inserted`` fires inside ``L1Index.insert``,
-    before the manager has copied the block's bytes into the slot, so the
-    manager writes inserted blocks itself once they are filled.
-    """
-
-    def __init__(self, manager: KVCacheManager, inner: L1Listener | None) -> None:
-        self._manager = manager
-        self._inner = inner or L1Listener()
-
-    def on_inserted(self, key: Hashable, slot: int) -> None:
-        self._inner.on_inserted(key, slot)
-
-    def on_hot(self, key: Hashable, slot: int) -> None:
-        if self._manager.ingestion == IngestionType.HOT:
-            self._manager._ingest_slot(key, slot)
-        self._inner.on_hot(key, slot)
-
-    def on_evicted(self, key: Hashable, slot: int) -> None:
-        # Called before the slot is freed: the bytes are still the victim's.
-        if self._manager.ingestion == IngestionType.EVICTED:
-            self._manager._ingest_slot(key, slot)
-        self._inner.on_evicted(key, slot)
-
-
 class KVCacheManager:
-    """L1 (and, once configured, L2) cache of KV blocks keyed by token prefix."""
+    """L1 (and, once configured, L2) cache of KV blocks keyed by token prefix.
+
+    A thin executor of :class:`~vllm_aibrix.core.planner.TierPlanner` plans
+    in one process (TP rank 0 holds whole blocks): the tiering rules live in
+    the planner, shared with the vLLM connector.
+    """
 
     def __init__(
         self,
@@ -113,7 +92,6 @@ class KVCacheManager:
         block_bytes: int,
         *,
         num_slots: int | None = None,
-        listener: L1Listener | None = None,
         l2_backend: L2BackendBase | None = None,
     ) -> None:
         if block_bytes <= 0:
@@ -132,24 +110,16 @@ class KVCacheManager:
         self.l1_enabled = config.l1_cache_enabled
         if not self.l1_enabled:
             num_slots = 1  # L2-only: keep the (unused) L1 objects tiny
-        self.ingestion = config.ingestion
-        # L2 exists before the L1 index can emit events.
         self.l2: L2Store | None = None
         if config.l2_backend != L2Backend.NONE or l2_backend is not None:
             self.l2 = L2Store(config, namespace.digest, backend=l2_backend)
-        self.l1 = L1Index(
-            num_slots,
-            config.l1_cache_eviction_policy,
-            policy_params=policy_params(config),
-            prefix_aware=config.l1_prefix_aware_eviction,
-            listener=_IngestionListener(self, listener) if self.l2 is not None else listener,
+        self.planner = TierPlanner(
+            config, num_slots=num_slots, block_tokens=self.block_tokens, l2=self.l2
         )
+        self.l1 = self.planner.l1
         self.buffer = SlotBuffer(num_slots, block_bytes)
         self._lock = threading.Lock()
-        # Keys given a slot by the insert in progress whose bytes are not copied
-        # in yet; an ingestion event for one of them is deferred until they are.
-        self._unfilled: set[Hashable] = set()
-        self._deferred: list[Hashable] = []
+        self._ids = itertools.count()
 
     # -- keys --------------------------------------------------------------------
     def keys_for(
@@ -158,6 +128,12 @@ class KVCacheManager:
         ns = self.namespace.with_salt(cache_salt)
         return chain_hashes(ns.digest, tokens, self.block_tokens)
 
+    def _open(self, tokens: Sequence[int] | np.ndarray) -> tuple[str, list[int]]:
+        req_id = f"m{next(self._ids)}"
+        toks = [int(t) for t in tokens]
+        self.planner.open_request(req_id, self.namespace.digest)
+        return req_id, toks
+
     # -- API -----------------------------------------------------------------------
     def put(self, tokens: Sequence[int] | np.ndarray, kv: torch.Tensor) -> int:
         """Cache the full blocks of ``tokens`` whose KV is ``kv[i]``.
@@ -165,53 +141,73 @@ class KVCacheManager:
         ``kv`` has one leading entry per full block (extra entries are
         ignored). Returns how many blocks were newly stored.
         """
-        keys = self.keys_for(tokens)
         src = as_block_bytes(kv, self.block_bytes)
-        if src.shape[0] < len(keys):
-            keys = keys[: src.shape[0]]
         if not self.l1_enabled:
             if self.l2 is None:
                 return 0
+            keys = self.keys_for(tokens)[: src.shape[0]]
             return self.l2.submit_put(keys, 0, [src[i] for i in range(len(keys))])
         with self._lock:
-            return len(self._insert_filled(keys, None, src, from_l2=False))
+            req_id, toks = self._open(tokens)
+            try:
+                n = min(len(toks) // self.block_tokens, src.shape[0])
+                store = self.planner.prepare_stores(req_id, toks, n * self.block_tokens, n)
+                step = self.planner.finish_step()
+                self._l2_out(step.l2_before)
+                if store is not None:
+                    copy_rows(self.buffer.tensor, store.slots, src, store.blocks)
+                self._l2_out(step.l2_after)
+                return len(store.slots) if store is not None else 0
+            finally:
+                self.planner.finish_request(req_id)
 
     def lookup(self, tokens: Sequence[int] | np.ndarray) -> int:
         """Number of leading tokens whose KV is cached (whole blocks), L1 then L2."""
-        keys = self.keys_for(tokens)
-        n = self.l1.prefix_length(keys) if self.l1_enabled else 0
-        if self.l2 is not None and n < len(keys):
-            n += self.l2.exists_prefix(keys[n:], (0,))
-        return n * self.block_tokens
+        if not self.l1_enabled:
+            keys = self.keys_for(tokens)
+            return self.l2.exists_prefix(keys, (0,)) * self.block_tokens if self.l2 else 0
+        with self._lock:
+            req_id, toks = self._open(tokens)
+            try:
+                n = len(toks) // self.block_tokens
+                return self.planner.lookup(req_id, toks, n).hit_blocks * self.block_tokens
+            finally:
+                self.planner.finish_request(req_id)
 
     def get(self, tokens: Sequence[int] | np.ndarray, out: torch.Tensor) -> int:
         """Copy the longest cached prefix into ``out[:n_blocks]``; returns tokens loaded.
 
-        L1 first; where L1's prefix ends the rest comes from L2 (verified),
-        and L2 hits are promoted into L1. The result is the longest contiguous
-        prefix that actually arrived.
+        L1 first; where L1's prefix ends the rest comes from L2 (verified)
+        through L1 slots, so L2 hits are promoted into L1. The result is the
+        longest contiguous prefix that actually arrived.
         """
-        keys = self.keys_for(tokens)
         dst = as_block_bytes(out, self.block_bytes)
-        cap = min(len(keys), dst.shape[0])
-        n = 0
-        if self.l1_enabled:
-            with self._lock:
-                n = min(self.l1.lookup(keys), cap)
-                slots = self.l1.pin(keys[:n]) if n else []
+        if not self.l1_enabled:
+            if self.l2 is None:
+                return 0
+            keys = self.keys_for(tokens)[: dst.shape[0]]
+            got = self.l2.get_blocks(keys, 0, [dst[i] for i in range(len(keys))])
+            return got * self.block_tokens
+        with self._lock:
+            req_id, toks = self._open(tokens)
             try:
-                copy_rows(dst, range(n), self.buffer.tensor, slots)
+                cap = min(len(toks) // self.block_tokens, dst.shape[0])
+                hit = self.planner.lookup(req_id, toks, cap).hit_blocks
+                plan = self.planner.prepare_load(req_id, 0, hit)
+                step = self.planner.finish_step()
+                self._l2_out(step.l2_before)
+                if plan is None:
+                    self._l2_out(step.l2_after)
+                    return 0
+                ok = self._fill(plan)
+                copy_rows(dst, range(ok), self.buffer.tensor, plan.slots[:ok])
+                self._l2_out(step.l2_after)
+                self.planner.report_load(plan.load_id, 0, ok)
+                # Invalidations of a failed fetch may evict; ship those now.
+                self._l2_out(self.planner.finish_step().l2_before)
+                return ok * self.block_tokens
             finally:
-                self.l1.unpin_slots(slots)
-        if self.l2 is None or n >= cap:
-            return n * self.block_tokens
-        # L2 I/O runs without the manager lock: other requests keep using L1.
-        m = self.l2.get_blocks(keys[n:cap], 0, [dst[i] for i in range(n, cap)])
-        if m and self.l1_enabled:
-            with self._lock:
-                parent = keys[n - 1] if n else None
-                self._insert_filled(keys[n : n + m], parent, dst[n : n + m], from_l2=True)
-        return (n + m) * self.block_tokens
+                self.planner.finish_request(req_id)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait for queued L2 writes (True at once without L2)."""
@@ -222,52 +218,29 @@ class KVCacheManager:
         if self.l2 is not None:
             self.l2.close()
 
-    # -- L2 ingestion ------------------------------------------------------------------
-    def _insert_filled(
-        self, keys: list[Key], parent: Key | None, rows: torch.Tensor, *, from_l2: bool
-    ) -> list[tuple[Hashable, int]]:
-        """Insert a chain into L1 and copy ``rows[i]`` (the bytes of ``keys[i]``) in.
+    # -- plan execution ------------------------------------------------------------------
+    def _fill(self, plan: LoadPlan) -> int:
+        """Fetch the plan's L2 blocks into their slots; returns the good leading count."""
+        n = 0
+        while n < len(plan.slots) and plan.slots[n] >= 0:
+            n += 1
+        i = 0
+        while i < n:
+            if plan.l2_keys[i] is None:
+                i += 1
+                continue
+            j = i
+            while j < n and plan.l2_keys[j] is not None:
+                j += 1
+            keys = cast(list[bytes], plan.l2_keys[i:j])
+            got = 0
+            if self.l2 is not None:
+                got = self.l2.get_blocks(keys, 0, [self.buffer.slot(s) for s in plan.slots[i:j]])
+            if got < j - i:
+                return i + got
+            i = j
+        return n
 
-        Call with ``self._lock`` held. Ingestion events raised for the new keys
-        during the insert are deferred until their bytes are in the slots;
-        blocks that came from L2 are not written back to it.
-        """
-        index: dict[object, int] = {k: i for i, k in enumerate(keys)}
-        self._unfilled = {k for k in keys if k not in self.l1} if self.l2 is not None else set()
-        self._deferred = []
-        try:
-            placed = self.l1.insert(keys, parent)
-            dst_rows = [slot for _, slot in placed]
-            copy_rows(self.buffer.tensor, dst_rows, rows, [index[k] for k, _ in placed])
-        finally:
-            self._unfilled = set()
-            deferred, self._deferred = self._deferred, []
-        if self.l2 is not None and not from_l2:
-            if self.ingestion == IngestionType.ALL:
-                write = [k for k, _ in placed]
-            else:
-                placed_keys = {k for k, _ in placed}
-                write = [k for k in deferred if k in placed_keys]
-            if write:
-                rows_out = [self.buffer.slot(s) for s in self.l1.slots_of(write)]
-                self.l2.submit_put(cast(list[bytes], write), 0, rows_out)
-        return placed
-
-    def _ingest_slot(self, key: Hashable, slot: int) -> None:
-        """Queue the block in ``slot`` for L2 (copies its bytes now)."""
-        if self.l2 is None:
-            return
-        if key in self._unfilled:
-            self._deferred.append(key)
-            return
-        self.l2.submit_put([cast(bytes, key)], 0, [self.buffer.slot(slot)])
-
-
-def policy_params(config: CacheConfig) -> dict[str, object]:
-    """Constructor parameters of the configured policy taken from the config."""
-    if config.l1_cache_eviction_policy.upper() == "S3FIFO":
-        return {
-            "small_ratio": config.s3fifo_small_queue_ratio,
-            "move_to_main_threshold": config.s3fifo_move_to_main_threshold,
-        }
-    return {}
+    def _l2_out(self, writes: list[tuple[bytes, int]]) -> None:
+        if writes and self.l2 is not None:
+            self.l2.submit_put([k for k, _ in writes], 0, [self.buffer.slot(s) for _, s in writes])

@@ -22,7 +22,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
-    SupportsHMA,
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
@@ -45,8 +44,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class AIBrixOffloadingConnector(KVConnectorBase_V1, SupportsHMA):
-    """Tiered KV-cache offloading (L1 CPU memory + optional shared L2)."""
+class AIBrixOffloadingConnector(KVConnectorBase_V1):
+    """Tiered KV-cache offloading (L1 CPU memory + optional shared L2).
+
+    It does not declare ``SupportsHMA``: vLLM then serves sliding-window
+    models with a single KV cache group (every layer keeps every block),
+    which is exactly what a prefix cache of whole blocks can store and load.
+    """
 
     _cache_hit_source = CacheHitSource.HOST
 
@@ -172,12 +176,6 @@ class AIBrixOffloadingConnector(KVConnectorBase_V1, SupportsHMA):
 
     def request_finished(
         self, request: Request, block_ids: list[int]
-    ) -> tuple[bool, dict[str, Any] | None]:
-        self._scheduler.request_finished(request)
-        return False, None
-
-    def request_finished_all_groups(
-        self, request: Request, block_ids: tuple[list[int], ...]
     ) -> tuple[bool, dict[str, Any] | None]:
         self._scheduler.request_finished(request)
         return False, None

@@ -22,14 +22,25 @@ class EngineInfo:
     num_slots: int  # L1 slots per rank
     tp_size: int
     namespace: Namespace
+    # MLA: every TP rank holds the same latent KV, so L2 keeps one copy
+    # (rank 0's) that every rank reads.
+    kv_replicated: bool = False
+
+    @property
+    def l2_ranks(self) -> tuple[int, ...]:
+        """The ranks whose shards make up a block in L2."""
+        return (0,) if self.kv_replicated else tuple(range(self.tp_size))
 
 
 def _attention_group(kv_cache_config: KVCacheConfig) -> Any:
     groups = kv_cache_config.kv_cache_groups
     if len(groups) != 1:
+        # The connector does not declare SupportsHMA, so vLLM merges
+        # sliding-window layers into one group; several groups mean a model
+        # (e.g. a hybrid SSM) vLLM cannot serve without its hybrid manager.
         raise NotImplementedError(
-            "AIBrixOffloadingConnector supports models with one KV cache group "
-            f"(full attention); this model has {len(groups)} groups"
+            "AIBrixOffloadingConnector supports models whose KV fits one KV cache "
+            f"group; this model has {len(groups)} groups"
         )
     return groups[0]
 
@@ -73,4 +84,7 @@ def engine_info(
         model_fingerprint=config.model_fingerprint,
         user_namespace=config.namespace,
     )
-    return EngineInfo(engine_block, slot_bytes, num_slots, tp_size, ns)
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
+    replicated = isinstance(spec, MLAAttentionSpec)
+    return EngineInfo(engine_block, slot_bytes, num_slots, tp_size, ns, kv_replicated=replicated)

@@ -20,10 +20,12 @@ class LoadSpec:
 
     ``l2_keys[i]`` is None when slot ``slots[i]`` already holds the block
     (L1 hit); otherwise the worker first fetches its rank's shard of that key
-    from L2 into the slot. Blocks form a prefix: a failure at ``i`` makes
-    every later block a failure too.
+    from L2 into the slot. ``slots[i]`` is -1 for a block that could not be
+    reserved. Blocks form a prefix: a failure at ``i`` makes every later
+    block a failure too. Reports name the load by ``load_id``.
     """
 
+    load_id: int
     req_id: str
     slots: list[int]
     block_ids: list[int]
@@ -42,26 +44,28 @@ class StoreSpec:
 
 @dataclass
 class AIBrixConnectorMetadata(KVConnectorMetadata):
-    """One step's plan. Workers execute it in this order:
-    ``offloads`` (slot -> L2, before the slot is reused), ``loads``,
-    the forward pass, ``stores``, then ``l2_puts``.
+    """One step's plan (a translation of :class:`~vllm_aibrix.core.planner.StepPlan`).
+
+    Workers execute it in this order: ``l2_before`` (slots -> L2, before
+    anything in the step writes slots: evicted blocks), ``loads``, the forward
+    pass, ``stores``, then ``l2_after`` (slots -> L2: inserted or hot blocks).
     """
 
     loads: list[LoadSpec] = field(default_factory=list)
     stores: list[StoreSpec] = field(default_factory=list)
-    offloads: list[tuple[bytes, int]] = field(default_factory=list)
-    l2_puts: list[tuple[bytes, int]] = field(default_factory=list)
+    l2_before: list[tuple[bytes, int]] = field(default_factory=list)
+    l2_after: list[tuple[bytes, int]] = field(default_factory=list)
 
 
 @dataclass
 class AIBrixWorkerMetadata(KVConnectorWorkerMetadata):
-    """Per-rank load outcomes: ``loaded[req_id][rank]`` = leading blocks loaded."""
+    """Per-rank load outcomes: ``loaded[load_id][rank]`` = leading blocks loaded."""
 
-    loaded: dict[str, dict[int, int]] = field(default_factory=dict)
+    loaded: dict[int, dict[int, int]] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
         assert isinstance(other, AIBrixWorkerMetadata)
         merged = {k: dict(v) for k, v in self.loaded.items()}
-        for req_id, per_rank in other.loaded.items():
-            merged.setdefault(req_id, {}).update(per_rank)
+        for load_id, per_rank in other.loaded.items():
+            merged.setdefault(load_id, {}).update(per_rank)
         return AIBrixWorkerMetadata(loaded=merged)

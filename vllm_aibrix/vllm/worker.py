@@ -21,14 +21,15 @@ from typing import Any
 import torch
 
 from vllm_aibrix.core.config import CacheConfig, L2Backend
+from vllm_aibrix.core.counters import Counters
 from vllm_aibrix.core.memory import SlotBuffer
 from vllm_aibrix.vllm.copy import KVLayout
 from vllm_aibrix.vllm.engine_info import EngineInfo
 from vllm_aibrix.vllm.faults import FileFaults, LoadFaults, NoFaults, perturb_blocks
 from vllm_aibrix.vllm.metadata import AIBrixConnectorMetadata, AIBrixWorkerMetadata, LoadSpec
-from vllm_aibrix.vllm.stats import ConnectorCounters
 
 logger = logging.getLogger(__name__)
+
 
 class _InflightLoad:
     """An async load and the lock that decides whether it may still write.
@@ -69,7 +70,7 @@ class AIBrixWorker:
             from vllm_aibrix.core.l2.store import L2Store
 
             self.l2 = L2Store(config, info.namespace.digest)
-        self.counters = ConnectorCounters()
+        self.counters = Counters()
         self._lock = threading.Lock()
         if faults is None:
             faults = FileFaults(config.debug_fault_file) if config.debug_fault_file else NoFaults()
@@ -79,10 +80,9 @@ class AIBrixWorker:
         self.executor: Executor = executor or ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="aibrix-load"
         )
-        self._inflight: dict[str, _InflightLoad] = {}
-        self._done_recv: set[str] = set()
+        self._inflight: dict[int, _InflightLoad] = {}  # load id -> async load
         self._errors: set[int] = set()
-        self._loaded: dict[str, int] = {}
+        self._loaded: dict[int, int] = {}  # load id -> leading blocks loaded
         self._l2_reported: dict[str, int] = {}  # L2Store totals already shipped
 
     # ----------------------------------------------------------- setup
@@ -104,42 +104,52 @@ class AIBrixWorker:
         )
 
     # ----------------------------------------------------------- loads
+    @property
+    def _l2_rank(self) -> int:
+        """The rank whose L2 shard this rank reads and writes (0 for replicated KV)."""
+        return 0 if self.info.kv_replicated else self.rank
+
     def start_load(self, meta: AIBrixConnectorMetadata) -> None:
         assert self.buffer is not None
-        # Evicted slots leave for L2 before anything in this step reuses them.
-        if meta.offloads and self.l2 is not None:
-            keys = [k for k, _ in meta.offloads]
-            src = [self.buffer.slot(s) for _, s in meta.offloads]
-            self.counters.l2_put_blocks += self.l2.submit_put(keys, self.rank, src)
+        # Evicted slots leave for L2 before anything in this step writes slots.
+        self._ship_to_l2(meta.l2_before)
         for spec in meta.loads:
             if spec.is_async:
                 job = _InflightLoad(spec, time.monotonic() + self.config.load_deadline_s)
                 job.future = self.executor.submit(self._load, spec, job)
-                self._inflight[spec.req_id] = job
+                self._inflight[spec.load_id] = job
             else:
                 n_ok, failed = self._load(spec)
                 self._errors.update(failed)
-                self._loaded[spec.req_id] = n_ok
+                self._loaded[spec.load_id] = n_ok
 
     def _load(self, spec: LoadSpec, job: _InflightLoad | None = None) -> tuple[int, list[int]]:
-        """Fill slots from L2 where needed, then copy the good prefix into the engine."""
+        """Fill slots from L2 where needed, then copy the good prefix into the engine.
+
+        L1 and L2 blocks may alternate (a block of the hit can already be in
+        L1); the good prefix ends at the first block that is not reserved or
+        whose L2 fetch failed.
+        """
         assert self.buffer is not None and self.layout is not None
         t0 = time.perf_counter()
-        doomed = self.faults.l2_keys_to_drop(
-            self.rank, [k for k in spec.l2_keys if k is not None]
-        )
+        doomed = self.faults.l2_keys_to_drop(self.rank, [k for k in spec.l2_keys if k is not None])
         if doomed and self.l2 is not None:
-            self.l2.delete(doomed, [self.rank])
-        n = len(spec.slots)
+            self.l2.delete(doomed, [self._l2_rank])
+        n = 0
+        while n < len(spec.slots) and spec.slots[n] >= 0:
+            n += 1
         ok = 0
-        while ok < n and spec.slots[ok] >= 0 and spec.l2_keys[ok] is None:
-            ok += 1
-        first_l2 = ok
-        while ok < n and spec.slots[ok] >= 0 and spec.l2_keys[ok] is not None:
-            ok += 1
-        if ok > first_l2:
-            got = self._fetch_l2(spec, first_l2, ok, job)
-            ok = first_l2 + got
+        while ok < n:
+            if spec.l2_keys[ok] is None:
+                ok += 1
+                continue
+            hi = ok
+            while hi < n and spec.l2_keys[hi] is not None:
+                hi += 1
+            got = self._fetch_l2(spec, ok, hi, job)
+            ok += got
+            if ok < hi:
+                break
         ok = min(ok, self.faults.loaded_limit(self.rank, spec.req_id, ok))
         with job.lock if job is not None else contextlib.nullcontext():
             if job is not None and job.cancelled:
@@ -150,9 +160,9 @@ class AIBrixWorker:
                 perturb_blocks(self.layout.layers, spec.block_ids[:ok])
         dt = time.perf_counter() - t0
         with self._lock:
-            self.counters.load_blocks += ok
-            self.counters.load_bytes += ok * self.info.slot_bytes
-            self.counters.load_seconds += dt
+            self.counters.add("load_blocks", ok)
+            self.counters.add("load_bytes", ok * self.info.slot_bytes)
+            self.counters.add("load_seconds", dt)
         return ok, spec.block_ids[ok:]
 
     def _fetch_l2(self, spec: LoadSpec, lo: int, hi: int, job: _InflightLoad | None = None) -> int:
@@ -169,10 +179,10 @@ class AIBrixWorker:
         slots = spec.slots[lo:hi]
         if job is None:
             return self._count_l2(
-                self.l2.get_blocks(keys, self.rank, [self.buffer.slot(s) for s in slots])
+                self.l2.get_blocks(keys, self._l2_rank, [self.buffer.slot(s) for s in slots])
             )
         staging = torch.empty((len(slots), self.info.slot_bytes), dtype=torch.uint8)
-        got = int(self.l2.get_blocks(keys, self.rank, list(staging)))
+        got = int(self.l2.get_blocks(keys, self._l2_rank, list(staging)))
         with job.lock:
             if job.cancelled:
                 return 0
@@ -183,14 +193,26 @@ class AIBrixWorker:
     def _count_l2(self, got: int) -> int:
         got = int(got)
         with self._lock:
-            self.counters.l2_get_blocks += got
+            self.counters.add("l2_get_blocks", got)
         return got
+
+    def _ship_to_l2(self, writes: list[tuple[bytes, int]]) -> None:
+        """Copy the named slots into the L2 write queue (the copy happens now)."""
+        if not writes or self.l2 is None or (self.info.kv_replicated and self.rank != 0):
+            return
+        assert self.buffer is not None
+        keys = [k for k, _ in writes]
+        src = [self.buffer.slot(s) for _, s in writes]
+        accepted = self.l2.submit_put(keys, self._l2_rank, src)
+        with self._lock:
+            self.counters.add("l2_put_blocks", accepted)
 
     def poll_finished(self) -> set[str]:
         """Async loads finished since the last call (their errors are queued)."""
         done: set[str] = set()
         now = time.monotonic()
-        for req_id, job in list(self._inflight.items()):
+        for load_id, job in list(self._inflight.items()):
+            req_id = job.spec.req_id
             fut = job.future
             assert fut is not None
             if not fut.done():
@@ -207,21 +229,21 @@ class AIBrixWorker:
                         req_id,
                         self.config.load_deadline_s,
                     )
-                    del self._inflight[req_id]
+                    del self._inflight[load_id]
                     with self._lock:
-                        self.counters.load_timeouts += 1
+                        self.counters.add("load_timeouts")
                     self._errors.update(job.spec.block_ids)
-                    self._loaded[req_id] = 0
+                    self._loaded[load_id] = 0
                     done.add(req_id)
                     continue
-            del self._inflight[req_id]
+            del self._inflight[load_id]
             try:
                 n_ok, failed = fut.result()
             except Exception:
                 logger.exception("aibrix: load for %s failed; recomputing it", req_id)
                 n_ok, failed = 0, list(job.spec.block_ids)
             self._errors.update(failed)
-            self._loaded[req_id] = n_ok
+            self._loaded[load_id] = n_ok
             done.add(req_id)
         return done
 
@@ -244,12 +266,9 @@ class AIBrixWorker:
             blocks = [b for st in meta.stores for b in st.block_ids]
             self.layout.gather(blocks, self.buffer.tensor, slots)
             with self._lock:
-                self.counters.store_bytes += len(slots) * self.info.slot_bytes
-                self.counters.store_seconds += time.perf_counter() - t0
-        if meta.l2_puts and self.l2 is not None:
-            keys = [k for k, _ in meta.l2_puts]
-            src = [self.buffer.slot(s) for _, s in meta.l2_puts]
-            self.counters.l2_put_blocks += self.l2.submit_put(keys, self.rank, src)
+                self.counters.add("store_bytes", len(slots) * self.info.slot_bytes)
+                self.counters.add("store_seconds", time.perf_counter() - t0)
+        self._ship_to_l2(meta.l2_after)
 
     def take_counters(self) -> dict[str, float]:
         with self._lock:
@@ -264,7 +283,7 @@ class AIBrixWorker:
             ):
                 total = int(getattr(st, attr, 0))
                 if total > self._l2_reported.get(attr, 0):
-                    out[name] = total - self._l2_reported.get(attr, 0)
+                    out[name] = out.get(name, 0) + total - self._l2_reported.get(attr, 0)
                 self._l2_reported[attr] = total
         return out
 
