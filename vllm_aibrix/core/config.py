@@ -168,6 +168,14 @@ class CacheConfig:
     redis_password: str = field(
         default="", metadata=_meta("REDIS_PASSWORD", "Redis AUTH password (overrides URL).")
     )
+    memory_store_name: str = field(
+        default="",
+        metadata=_meta(
+            "MEMORY_STORE_NAME",
+            "MEMORY backend only: stores of the same non-empty name in one process share "
+            "their contents (e.g. a scheduler and its workers); empty = a private store.",
+        ),
+    )
     disk_path: str = field(
         default="", metadata=_meta("DISK_PATH", "Directory of the local disk tier.")
     )

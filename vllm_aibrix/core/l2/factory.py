@@ -18,8 +18,10 @@ def create_backend(config: CacheConfig) -> L2BackendBase | None:
     if kind == L2Backend.NONE:
         return None
     if kind == L2Backend.MEMORY:
-        from vllm_aibrix.core.l2.memory import MemoryBackend
+        from vllm_aibrix.core.l2.memory import MemoryBackend, shared_memory_backend
 
+        if config.memory_store_name:
+            return shared_memory_backend(config.memory_store_name)
         return MemoryBackend(config)
     if kind == L2Backend.REDIS:
         from vllm_aibrix.core.l2.redis import RedisBackend

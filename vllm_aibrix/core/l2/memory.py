@@ -82,3 +82,21 @@ class MemoryBackend(L2BackendBase):
             _, v = self._data.popitem(last=False)
             self._bytes -= len(v)
             self.evictions += 1
+
+
+_SHARED: dict[str, MemoryBackend] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_memory_backend(name: str) -> MemoryBackend:
+    """The process-wide memory store called ``name`` (made on first use).
+
+    Lets the connector's scheduler half and its in-process workers (the
+    scheduler simulation, single-process tests) see one store, as they would
+    see one Redis.
+    """
+    with _SHARED_LOCK:
+        backend = _SHARED.get(name)
+        if backend is None:
+            backend = _SHARED[name] = MemoryBackend()
+        return backend
