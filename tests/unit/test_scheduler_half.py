@@ -18,7 +18,6 @@ from vllm.v1.outputs import KVConnectorOutput
 
 from vllm_aibrix.core.config import CacheConfig
 from vllm_aibrix.core.keys import Namespace, chain_hashes
-from vllm_aibrix.core.l2.memory import shared_memory_backend
 from vllm_aibrix.vllm.engine_info import EngineInfo
 from vllm_aibrix.vllm.metadata import AIBrixConnectorMetadata, AIBrixWorkerMetadata
 from vllm_aibrix.vllm.scheduler import AIBrixScheduler
