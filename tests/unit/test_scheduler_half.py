@@ -293,3 +293,17 @@ def test_stores_wait_while_the_request_has_a_sync_load_in_flight() -> None:
     _, blocks = admit(s, r)
     meta = step(s, (r, blocks, 2 * B, len(r.all_token_ids) - 2 * B))
     assert meta.loads and not meta.stores
+
+
+def test_a_request_admitted_before_a_reset_neither_loads_nor_stores_after_it() -> None:
+    s = make(8, l2=True)
+    a = Req(toks(1, 3))
+    store_all(s, a)
+    s.l2.put_blocks(chain_hashes(NS.digest, a.all_token_ids, B), 0, [bytes(64)] * 3)
+    old = Req(toks(1, 3) + toks(5, 2))
+    _, blocks = admit(s, old, computed=len(old.all_token_ids) - 1)  # nothing to load
+    s.reset_cache()
+    # Preempted and resumed: its old keys would find the pre-reset L2 entries.
+    assert s.get_num_new_matched_tokens(old, 0)[0] == 0
+    meta = step(s, (old, blocks, 0, len(old.all_token_ids)))
+    assert not meta.stores

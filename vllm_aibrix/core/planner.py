@@ -427,13 +427,19 @@ class TierPlanner:
         """Forget everything cached: from now on no lookup finds KV computed before.
 
         Keys move to a new epoch (a random salt in their seed), so neither L1
-        nor L2 entries written before can match again; L1 is emptied and the
-        slots of loads in flight are dropped when those loads report. L2
-        entries of earlier epochs are left for the store to age out.
+        nor L2 entries written before can match again; requests already open
+        stop caching; L1 is emptied and the slots of loads in flight are
+        dropped when those loads report. L2 entries of earlier epochs are left
+        for the store to age out.
         """
         self.counters.add("cache_resets")
         self._epoch += 1
         self._epoch_salt = os.urandom(16)
+        # A request admitted before the reset may hold KV computed before it
+        # (and vLLM may preempt and resume it): it neither stores nor looks
+        # up from now on, under any epoch.
+        for req in self._requests.values():
+            req.cacheable = False
         self.l1.clear()
         self._l2_bad.clear()
         # Events from before the reset name slots whose keys nobody wants.
