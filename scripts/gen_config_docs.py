@@ -23,7 +23,9 @@ Settings come from the connector's `kv_connector_extra_config` dict (keys are
 the field names below, case-insensitive; the environment-variable names are
 accepted too) and from environment variables. A dict entry beats the
 environment variable of the same field. An unknown key or a bad value stops
-startup with a `ConfigError` naming the field.
+startup with a `ConfigError` naming the field. So does a field marked "Only
+with `l2_cache_backend=X`" when it is set (from the dict or the environment)
+to anything but its default while `l2_cache_backend` is not `X`.
 
 | Field | Environment variable | Type | Default | Description |
 |---|---|---|---|---|
@@ -44,6 +46,8 @@ def render() -> str:
         doc = f["doc"]
         if f["choices"]:
             doc += " One of: " + ", ".join(f"`{c}`" for c in f["choices"]) + "."
+        if f["backend"]:
+            doc += f" Only with `l2_cache_backend={f['backend']}`."
         default = repr(f["default"]) if isinstance(f["default"], str) else str(f["default"])
         rows.append(
             f"| `{f['name']}` | `{f['env']}` | {f['type']} | `{_cell(default)}` | {_cell(doc)} |"

@@ -30,7 +30,7 @@ from tests.e2e.harness import (
     same_output,
     tiny_model,
 )
-from vllm_aibrix.bench.mooncake import MooncakeCluster
+from tests.integration.mooncake_cluster import MooncakeCluster
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 pytest_plugins = ["tests.integration.mooncake_fixtures"]

@@ -11,7 +11,8 @@ Why a child process: Mooncake's transfer engine opens listening sockets on
 the wildcard address in every client, whatever ``MC_TCP_BIND_ADDRESS`` says.
 Servers here must listen on 127.0.0.1 only, so every Mooncake process runs
 with the bind-to-loopback ``LD_PRELOAD`` library from
-:mod:`vllm_aibrix.bench.mooncake`, which can only be loaded at process start.
+:mod:`tests.integration.mooncake_cluster`, which can only be loaded at process
+start.
 The child executes the backend calls verbatim and sends back results and
 exceptions (a :class:`BackendError` is re-raised as one).
 
@@ -35,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from vllm_aibrix.bench.mooncake import MooncakeCluster, MooncakeUnavailable
+from tests.integration.mooncake_cluster import MooncakeCluster, MooncakeUnavailable
 from vllm_aibrix.core.l2.backend import BackendError, BackendTimeout
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from vllm_aibrix.bench.mooncake import MooncakeCluster
+from tests.integration.mooncake_cluster import MooncakeCluster
 from vllm_aibrix.core.l2.backend import BackendError
 
 if TYPE_CHECKING:
@@ -124,11 +124,6 @@ def test_empty_value_is_rejected_with_backend_error(mooncake_client: RemoteBacke
     (a,) = _keys("empty", 1)
     with pytest.raises(BackendError, match="empty"):
         mooncake_client.put_many([(a, b"")])
-
-
-def test_capabilities_declare_batched_and_zero_copy_get(mooncake_client: RemoteBackend) -> None:
-    caps = mooncake_client.capabilities
-    assert caps.batched and caps.zero_copy_get and caps.shared_across_hosts
 
 
 def test_every_mooncake_process_listens_on_loopback_only(

@@ -19,8 +19,8 @@ from vllm_aibrix.core.l2.backend import BackendError
 from vllm_aibrix.core.l2.store import L2Store
 
 if TYPE_CHECKING:
+    from tests.integration.mooncake_cluster import MooncakeCluster
     from tests.integration.mooncake_fixtures import RemoteBackend
-    from vllm_aibrix.bench.mooncake import MooncakeCluster
 
 pytestmark = pytest.mark.integration
 pytest_plugins = ["tests.integration.mooncake_fixtures"]
@@ -120,7 +120,7 @@ def test_reading_a_value_whose_node_died_raises_backend_error(
 def test_constructing_against_a_closed_port_raises_backend_error_quickly(
     mooncake_client_factory: Any, cluster: MooncakeCluster
 ) -> None:
-    from vllm_aibrix.bench.mooncake import free_port
+    from tests.integration.mooncake_cluster import free_port
 
     t0 = time.monotonic()
     with pytest.raises(BackendError, match="unreachable"):

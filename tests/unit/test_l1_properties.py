@@ -26,7 +26,7 @@ from hypothesis.stateful import (
 )
 
 from vllm_aibrix.core.l1 import L1Events, L1Index
-from vllm_aibrix.core.memory import SlotAllocator, SlotPool
+from vllm_aibrix.core.memory import SlotAllocator
 
 KEYS = st.integers(min_value=0, max_value=40)
 SETTINGS = settings(
@@ -175,8 +175,7 @@ class AllocatorMachine(RuleBasedStateMachine):
 
     @initialize(num_slots=st.integers(min_value=1, max_value=16))
     def setup(self, num_slots: int) -> None:
-        self.pool = SlotPool(num_slots, 8, pin_memory=False)
-        self.alloc: SlotAllocator = self.pool.allocator
+        self.alloc = SlotAllocator(num_slots)
         self.used: set[int] = set()
         self.pins: Counter[int] = Counter()
 

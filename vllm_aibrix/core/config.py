@@ -3,7 +3,11 @@
 Built once at startup from a dict (vLLM's ``kv_connector_extra_config``) and
 from ``AIBRIX_KV_CACHE_OL_*`` environment variables; explicit dict values win
 over the environment. Every field is validated at construction and a bad value
-raises :class:`ConfigError` naming the field and what it accepts.
+raises :class:`ConfigError` naming the field and what it accepts. A field that
+belongs to one L2 backend (``redis_*``, ``disk_*``, ``mooncake_*``,
+``infinistore_*``, ``memory_store_name``) set to anything but its default while
+``l2_cache_backend`` names another backend is an error too: the setting would
+be silently ignored. An environment variable counts as setting it.
 """
 
 from __future__ import annotations
@@ -48,8 +52,20 @@ class Compression(StrEnum):
     ZSTD = "ZSTD"
 
 
-def _meta(env: str | None, doc: str, choices: tuple[str, ...] | None = None) -> dict[str, Any]:
-    return {"env": env, "doc": doc, "choices": choices}
+def _meta(
+    env: str | None,
+    doc: str,
+    choices: tuple[str, ...] | None = None,
+    *,
+    backend: L2Backend | None = None,
+) -> dict[str, Any]:
+    """Field metadata; ``backend``: the only ``l2_cache_backend`` the field applies to."""
+    return {
+        "env": env,
+        "doc": doc,
+        "choices": choices,
+        "backend": None if backend is None else backend.value,
+    }
 
 
 @dataclass(frozen=True)
@@ -160,60 +176,95 @@ class CacheConfig:
     )
     redis_url: str = field(
         default="redis://127.0.0.1:6379/0",
-        metadata=_meta("REDIS_URL", "Redis/Valkey URL (redis:// or rediss:// for TLS)."),
+        metadata=_meta(
+            "REDIS_URL",
+            "Redis/Valkey URL (redis:// or rediss:// for TLS).",
+            backend=L2Backend.REDIS,
+        ),
     )
     redis_cluster: bool = field(
-        default=False, metadata=_meta("REDIS_CLUSTER", "Talk to a Redis Cluster.")
+        default=False,
+        metadata=_meta("REDIS_CLUSTER", "Talk to a Redis Cluster.", backend=L2Backend.REDIS),
     )
     redis_password: str = field(
-        default="", metadata=_meta("REDIS_PASSWORD", "Redis AUTH password (overrides URL).")
+        default="",
+        metadata=_meta(
+            "REDIS_PASSWORD", "Redis AUTH password (overrides URL).", backend=L2Backend.REDIS
+        ),
     )
     memory_store_name: str = field(
         default="",
         metadata=_meta(
             "MEMORY_STORE_NAME",
-            "MEMORY backend only: stores of the same non-empty name in one process share "
-            "their contents (e.g. a scheduler and its workers); empty = a private store.",
+            "Stores of the same non-empty name in one process share their contents "
+            "(e.g. a scheduler and its workers); empty = a private store.",
+            backend=L2Backend.MEMORY,
         ),
     )
     disk_path: str = field(
-        default="", metadata=_meta("DISK_PATH", "Directory of the local disk tier.")
+        default="",
+        metadata=_meta("DISK_PATH", "Directory of the local disk tier.", backend=L2Backend.DISK),
     )
     disk_capacity_gb: float = field(
-        default=10.0, metadata=_meta("DISK_CAPACITY_GB", "Capacity of the local disk tier.")
+        default=10.0,
+        metadata=_meta(
+            "DISK_CAPACITY_GB", "Capacity of the local disk tier.", backend=L2Backend.DISK
+        ),
     )
     mooncake_master: str = field(
         default="127.0.0.1:50051",
-        metadata=_meta("MOONCAKE_MASTER", "Mooncake master RPC address host:port."),
+        metadata=_meta(
+            "MOONCAKE_MASTER", "Mooncake master RPC address host:port.", backend=L2Backend.MOONCAKE
+        ),
     )
     mooncake_metadata_server: str = field(
         default="http://127.0.0.1:8080/metadata",
-        metadata=_meta("MOONCAKE_METADATA_SERVER", "Mooncake metadata server URL."),
+        metadata=_meta(
+            "MOONCAKE_METADATA_SERVER", "Mooncake metadata server URL.", backend=L2Backend.MOONCAKE
+        ),
     )
     mooncake_local_hostname: str = field(
         default="127.0.0.1",
-        metadata=_meta("MOONCAKE_LOCAL_HOSTNAME", "Address this client advertises."),
+        metadata=_meta(
+            "MOONCAKE_LOCAL_HOSTNAME", "Address this client advertises.", backend=L2Backend.MOONCAKE
+        ),
     )
     mooncake_global_segment_size_mb: int = field(
         default=0,
         metadata=_meta(
             "MOONCAKE_GLOBAL_SEGMENT_SIZE_MB",
             "Memory this process contributes to the store (0 = pure client).",
+            backend=L2Backend.MOONCAKE,
         ),
     )
     mooncake_local_buffer_size_mb: int = field(
         default=256,
-        metadata=_meta("MOONCAKE_LOCAL_BUFFER_SIZE_MB", "Mooncake client transfer buffer."),
+        metadata=_meta(
+            "MOONCAKE_LOCAL_BUFFER_SIZE_MB",
+            "Mooncake client transfer buffer.",
+            backend=L2Backend.MOONCAKE,
+        ),
     )
     infinistore_host: str = field(
-        default="127.0.0.1", metadata=_meta("INFINISTORE_HOST", "InfiniStore server host.")
+        default="127.0.0.1",
+        metadata=_meta(
+            "INFINISTORE_HOST", "InfiniStore server host.", backend=L2Backend.INFINISTORE
+        ),
     )
     infinistore_port: int = field(
-        default=12345, metadata=_meta("INFINISTORE_PORT", "InfiniStore service port.")
+        default=12345,
+        metadata=_meta(
+            "INFINISTORE_PORT", "InfiniStore service port.", backend=L2Backend.INFINISTORE
+        ),
     )
     infinistore_connection_type: str = field(
         default="TCP",
-        metadata=_meta("INFINISTORE_CONNECTION_TYPE", "TCP or RDMA.", ("TCP", "RDMA")),
+        metadata=_meta(
+            "INFINISTORE_CONNECTION_TYPE",
+            "TCP or RDMA.",
+            ("TCP", "RDMA"),
+            backend=L2Backend.INFINISTORE,
+        ),
     )
     # --- connector behaviour ---
     load_async: bool = field(
@@ -281,6 +332,7 @@ class CacheConfig:
             resolve_policy(self.l1_cache_eviction_policy)
         except (KeyError, ImportError, AttributeError, TypeError) as e:
             raise ConfigError(f"l1_cache_eviction_policy: {e}") from None
+        self._check_backend_specific_fields()
         if self.l2_backend == L2Backend.DISK and not self.disk_path:
             raise ConfigError("disk_path must be set when l2_cache_backend=DISK")
         if not self.l1_cache_enabled and self.l2_backend == L2Backend.NONE:
@@ -347,6 +399,23 @@ class CacheConfig:
         return dataclasses.replace(self, **changes)
 
     # -- helpers ---------------------------------------------------------------
+    def _check_backend_specific_fields(self) -> None:
+        """A field of one backend, set while another backend is chosen, is an error.
+
+        "Set" means different from the field's default (from the dict or the
+        environment alike); a value equal to the default cannot be told apart.
+        The value is not printed: it may be a password.
+        """
+        for f in fields(self):
+            backend = f.metadata.get("backend")
+            if backend is None or backend == self.l2_cache_backend:
+                continue
+            if getattr(self, f.name) != f.default:
+                raise ConfigError(
+                    f"{f.name} is set but l2_cache_backend={self.l2_cache_backend}; "
+                    f"it only applies to {backend}"
+                )
+
     def _check_positive(self, name: str, *, allow_zero: bool) -> None:
         v = getattr(self, name)
         if v < 0 or (v == 0 and not allow_zero):
@@ -407,6 +476,7 @@ def describe_fields() -> list[dict[str, Any]]:
                 "default": f.default,
                 "doc": f.metadata["doc"],
                 "choices": f.metadata.get("choices"),
+                "backend": f.metadata.get("backend"),
             }
         )
     return out

@@ -7,9 +7,6 @@ Two halves, because vLLM splits them across processes:
 * :class:`SlotBuffer` -- the bytes: one large uint8 tensor carved into equal
   slots (pinned host memory when CUDA is present, so device copies are async).
   Every worker (TP rank) owns one with the same number of slots.
-
-:class:`SlotPool` bundles both for single-process users (the standalone
-manager, tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -18,10 +15,6 @@ import threading
 from collections.abc import Sequence
 
 import torch
-
-
-class PoolExhausted(RuntimeError):
-    """No free slot and nothing evictable."""
 
 
 class SlotAllocator:
@@ -163,19 +156,3 @@ class SlotBuffer:
     def slots(self, ids: list[int]) -> torch.Tensor:
         """A copy of several slots, stacked (uses index_select)."""
         return self.tensor.index_select(0, torch.as_tensor(ids, dtype=torch.long))
-
-
-class SlotPool:
-    """Allocator plus buffer, for single-process use."""
-
-    def __init__(self, num_slots: int, slot_bytes: int, *, pin_memory: bool | None = None) -> None:
-        self.allocator = SlotAllocator(num_slots)
-        self.buffer = SlotBuffer(num_slots, slot_bytes, pin_memory=pin_memory)
-
-    @property
-    def num_slots(self) -> int:
-        return self.allocator.num_slots
-
-    @property
-    def slot_bytes(self) -> int:
-        return self.buffer.slot_bytes

@@ -33,12 +33,8 @@ class BackendTimeout(BackendError):
 
 @dataclass(frozen=True)
 class BackendCapabilities:
-    """What a backend can do natively; the store adapts to the rest."""
+    """What the store needs to know about a backend to call it."""
 
-    batched: bool = False  # native multi-key get/put/exists
-    zero_copy_get: bool = False  # get_into writes straight into caller memory
-    max_value_bytes: int = 512 << 20
-    shared_across_hosts: bool = True  # False for node-local tiers (disk, memory)
     # Every call gives up by itself within the store's op timeout (socket
     # timeouts): the store may then call it on the caller's thread and skip
     # the thread-pool hop, which costs ~0.1-0.5 ms per call on a busy host.

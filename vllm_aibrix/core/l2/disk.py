@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from vllm_aibrix.core.config import CacheConfig
-from vllm_aibrix.core.l2.backend import BackendCapabilities, BackendError, Buffer, L2BackendBase
+from vllm_aibrix.core.l2.backend import BackendError, Buffer, L2BackendBase
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ class DiskBackend(L2BackendBase):
     """Capacity-bounded LRU file store. See the module docstring."""
 
     name = "disk"
-    capabilities = BackendCapabilities(batched=False, shared_across_hosts=False)
 
     def __init__(
         self,

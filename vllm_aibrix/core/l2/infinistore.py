@@ -14,7 +14,7 @@ clear :class:`BackendError` when the server is unreachable.
 Design notes:
 
 * The client has no batch calls on the TCP path, so every batch is a loop of
-  single-key requests over one connection (``capabilities.batched=False``).
+  single-key requests over one connection.
 * One connection is one blocking socket: calls are serialised by a lock and
   run on a worker thread under the op deadline (the client has no timeouts of
   its own). A call that misses the deadline poisons the connection (its reply
@@ -41,7 +41,6 @@ import numpy as np
 
 from vllm_aibrix.core.config import CacheConfig
 from vllm_aibrix.core.l2.backend import (
-    BackendCapabilities,
     BackendError,
     BackendTimeout,
     Buffer,
@@ -70,9 +69,6 @@ class InfiniStoreBackend(L2BackendBase):
     """Raw L2 backend on an InfiniStore server (TCP)."""
 
     name: ClassVar[str] = "infinistore"
-    capabilities: ClassVar[BackendCapabilities] = BackendCapabilities(
-        batched=False, zero_copy_get=False, shared_across_hosts=True
-    )
 
     def __init__(self, config: CacheConfig) -> None:
         """Connect to ``config.infinistore_host:infinistore_port``.

@@ -12,14 +12,13 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 from vllm_aibrix.core.config import CacheConfig
-from vllm_aibrix.core.l2.backend import BackendCapabilities, Buffer, L2BackendBase
+from vllm_aibrix.core.l2.backend import Buffer, L2BackendBase
 
 
 class MemoryBackend(L2BackendBase):
     """Thread-safe dict store; evicts least recently used values past ``capacity_bytes``."""
 
     name = "memory"
-    capabilities = BackendCapabilities(batched=True, shared_across_hosts=False)
 
     def __init__(self, config: CacheConfig | None = None, *, capacity_bytes: int | None = None):
         self.capacity_bytes = capacity_bytes

@@ -48,7 +48,6 @@ import numpy as np
 
 from vllm_aibrix.core.config import CacheConfig
 from vllm_aibrix.core.l2.backend import (
-    BackendCapabilities,
     BackendError,
     BackendTimeout,
     Buffer,
@@ -92,9 +91,6 @@ class MooncakeBackend(L2BackendBase):
     """Raw L2 backend on a Mooncake Store cluster (TCP transport)."""
 
     name: ClassVar[str] = "mooncake"
-    capabilities: ClassVar[BackendCapabilities] = BackendCapabilities(
-        batched=True, zero_copy_get=True, shared_across_hosts=True
-    )
 
     def __init__(self, config: CacheConfig, *, store: Any = None) -> None:
         """Connect to the cluster named by ``config`` (``mooncake_*`` fields).

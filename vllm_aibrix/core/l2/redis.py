@@ -131,7 +131,7 @@ class RedisBackend(L2BackendBase):
 
     name = "redis"
     # Socket connect/read timeouts equal the store's op timeout: self-timed.
-    capabilities = BackendCapabilities(batched=True, max_value_bytes=512 << 20, self_timed=True)
+    capabilities = BackendCapabilities(self_timed=True)
 
     def __init__(
         self,
