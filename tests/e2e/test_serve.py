@@ -54,6 +54,10 @@ SERVE_FLAGS = [
     "--kv-transfer-config",
     KV_TRANSFER_CONFIG,
 ]
+# Test-only, not in the README: the tiny model is float32 so that its logprobs
+# do not depend on the batch (see scripts/make_tiny_model.py), and ``--dtype
+# auto`` would downcast a float32 checkpoint to bfloat16.
+TEST_FLAGS = ["--dtype", "float32"]
 STARTUP_TIMEOUT_S = 240.0
 METRICS_TIMEOUT_S = 15.0
 METRIC = "vllm:aibrix_kv_{}_total"
@@ -138,7 +142,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         VLLM_CPU_KVCACHE_SPACE="1",
         VLLM_SERVER_DEV_MODE="1",  # enables POST /reset_prefix_cache
     )
-    cmd = [*_vllm_cli(), "serve", model, "--host", HOST, "--port", str(port), *SERVE_FLAGS]
+    cmd = [
+        *_vllm_cli(),
+        "serve",
+        model,
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        *SERVE_FLAGS,
+        *TEST_FLAGS,
+    ]
     with open(log, "wb") as out:
         # Own session: the finalizer kills the API server and its engine core.
         proc = subprocess.Popen(

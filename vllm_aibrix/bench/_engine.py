@@ -13,6 +13,12 @@ import random
 from typing import Any
 
 BLOCK = 128  # CPU attention needs a multiple of 32; 128 is vLLM's CPU default
+# float32, so that a request's logprobs do not depend on the batch it is served
+# in: measured by scripts/measure_batch_invariance.py, bf16 moves them by up to
+# 0.032, float32 by under 3e-6. The e2e tests compare engines with and without
+# the connector at a 1e-3 tolerance, and a cache hit (or an async load) changes
+# the step, and so the batch, in which a request runs.
+DTYPE = "float32"
 
 CONNECTOR: dict[str, Any] = {
     "kv_connector": "AIBrixOffloadingConnector",
@@ -30,7 +36,10 @@ def connector_config(extra: dict[str, Any] | None = None, **kw: Any) -> Any:
 
 
 def make_llm(model: str, *, kv_transfer_config: Any = None, **kw: Any) -> Any:
-    """An in-process engine with the settings every test and benchmark shares."""
+    """An in-process engine with the settings every test and benchmark shares.
+
+    ``kw`` overrides any of them (e.g. ``dtype="bfloat16"``).
+    """
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     # Small engine KV memory, so the engine must evict and the tiers matter.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -41,7 +50,7 @@ def make_llm(model: str, *, kv_transfer_config: Any = None, **kw: Any) -> Any:
         max_model_len=4096,
         block_size=BLOCK,
         enforce_eager=True,
-        dtype="bfloat16",
+        dtype=DTYPE,
         distributed_executor_backend="uni",
         seed=0,
         kv_transfer_config=kv_transfer_config,
