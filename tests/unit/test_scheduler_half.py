@@ -307,3 +307,16 @@ def test_a_request_admitted_before_a_reset_neither_loads_nor_stores_after_it() -
     assert s.get_num_new_matched_tokens(old, 0)[0] == 0
     meta = step(s, (old, blocks, 0, len(old.all_token_ids)))
     assert not meta.stores
+
+
+def test_a_block_that_came_from_l2_is_not_written_back_when_evicted() -> None:
+    s = make(3, ingestion="EVICTED", l2=True, l1_cache_eviction_policy="LRU")
+    a = Req(toks(1, 3))
+    keys = chain_hashes(NS.digest, a.all_token_ids, B)
+    s.l2.put_blocks(keys, 0, [bytes(64)] * 3)
+    admit(s, a)
+    (ld,) = step(s).loads
+    report(s, {ld.load_id: {0: 3}})
+    meta = store_all(s, Req(toks(2, 3)))  # evicts all three
+    assert s.take_counters().get("l1_evictions") == 3
+    assert not {k for k, _ in meta.l2_before} & set(keys)

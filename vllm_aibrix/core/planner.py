@@ -161,6 +161,9 @@ class TierPlanner:
         self.counters = Counters()
         self._requests: dict[str, _Request] = {}
         self._filling: set[Key] = set()  # being filled from L2 by a load in flight
+        # slot -> 1 while it holds bytes that came from L2: writing those back
+        # would only spend bandwidth (selective offloading is about saving it).
+        self._from_l2 = bytearray(num_slots)
         # L2 keys a load failed on: a lookup stops there, so a value that
         # exists but is corrupt is recomputed instead of looping load -> fail.
         # Forgotten when this engine stores the block again (rewriting L2).
@@ -277,6 +280,7 @@ class TierPlanner:
                     # block and the rest are recomputed.
                     break
                 slot = placed
+                self._from_l2[slot] = 0  # until the fill is reported good
                 self.l1.pin([k])
                 self._filling.add(k)
                 l2_keys.append(k)
@@ -343,6 +347,8 @@ class TierPlanner:
         for i, k in enumerate(load.keys):
             if plan.l2_keys[i] is not None:
                 self._filling.discard(k)
+                if i < agreed and not stale:
+                    self._from_l2[plan.slots[i]] = 1
         if agreed < planned:
             self.counters.add("load_failures")
             self.counters.add("load_failed_blocks", planned - agreed)
@@ -389,6 +395,7 @@ class TierPlanner:
                 self.counters.add("store_skipped_blocks", full - i)
                 break
             self._l2_bad.pop(k, None)
+            self._from_l2[slot] = 0
             self.l1.pin([k])
             self._step_pins.append(slot)
             self._step_stored.append(k)
@@ -416,7 +423,7 @@ class TierPlanner:
                     cands = list(dict.fromkeys(self._hot))
                 for k in cands:
                     slot = self.l1.slot_of(k)
-                    if slot is not None and k not in self._filling:
+                    if slot is not None and k not in self._filling and not self._from_l2[slot]:
                         plan.l2_after.append((k, slot))
             self.counters.add("l2_offload_blocks", len(plan.l2_before) + len(plan.l2_after))
         self.l1.unpin_slots(self._step_pins)
@@ -459,6 +466,9 @@ class TierPlanner:
             # A slot being filled is pinned and so never a victim; checked
             # anyway, since offloading its bytes would poison L2.
             if k in self._filling or (skip is not None and k in skip):
+                continue
+            if self._from_l2[slot]:
+                self._from_l2[slot] = 0  # L2 has it already
                 continue
             self._evicted.append((k, slot))
         self._hot.extend(cast(list[Key], events.hot))
