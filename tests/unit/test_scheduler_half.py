@@ -320,3 +320,24 @@ def test_a_block_that_came_from_l2_is_not_written_back_when_evicted() -> None:
     meta = store_all(s, Req(toks(2, 3)))  # evicts all three
     assert s.take_counters().get("l1_evictions") == 3
     assert not {k for k, _ in meta.l2_before} & set(keys)
+
+
+def test_a_request_sharing_blocks_with_an_unresolved_sync_load_stores_nothing() -> None:
+    s = make(8, load_async=False)
+    store_all(s, Req(toks(1, 2)))
+    loader = Req(toks(1, 2))
+    _, lblocks = admit(s, loader, block_base=20)
+    # vLLM's prefix cache hands the blocks being loaded to a second request
+    # in the same step; if the load fails, what it computes over them is wrong.
+    sharer = Req(toks(1, 2) + toks(7, 2))
+    sharer_blocks = lblocks[:2] + [40, 41, 42]
+    admit(s, sharer, computed=2 * B)
+    meta = step(s, (sharer, sharer_blocks, 2 * B, len(sharer.all_token_ids) - 2 * B))
+    assert meta.loads and not meta.stores
+    report(s, {meta.loads[0].load_id: {0: 2}})
+    so = SchedulerOutput.make_empty()
+    so.scheduled_cached_reqs.req_ids = [sharer.request_id]
+    so.scheduled_cached_reqs.new_block_ids = [None]
+    so.scheduled_cached_reqs.num_computed_tokens = [len(sharer.all_token_ids) - 1]
+    so.num_scheduled_tokens = {sharer.request_id: 1}
+    assert [b for st in s.build_connector_meta(so).stores for b in st.block_ids] == [40, 41]

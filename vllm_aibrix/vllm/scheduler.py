@@ -66,6 +66,14 @@ class AIBrixScheduler:
         self._block_ids: dict[str, list[int]] = {}  # request -> its engine block ids
         self._start_block: dict[str, int] = {}  # request -> first block of its lookup
         self._requests: dict[str, Request] = {}  # live vLLM requests (their tokens grow)
+        # Engine blocks that loads not yet reported by every rank write into.
+        # vLLM's prefix cache may share them with other requests at once (sync
+        # loads); if the load fails, vLLM rolls those requests back too and
+        # discards what they computed over the bad blocks. So no request whose
+        # block table holds such a block stores anything until the load is
+        # resolved: it might store KV computed from wrong context.
+        self._loading_blocks: dict[int, list[int]] = {}  # load id -> block ids
+        self._loading_count: dict[int, int] = {}  # block id -> loads writing it
 
     def _open(self, request: Request) -> None:
         if self.planner.is_open(request.request_id):
@@ -103,7 +111,12 @@ class AIBrixScheduler:
         self._block_ids[req_id] = list(block_ids)
         start = self._start_block.pop(req_id, request.num_computed_tokens // self.B)
         end = start + max(0, num_external_tokens) // self.B
-        self.planner.prepare_load(req_id, start, end)
+        plan = self.planner.prepare_load(req_id, start, end)
+        if plan is not None:
+            ids = list(block_ids[plan.first_block : plan.first_block + len(plan.slots)])
+            self._loading_blocks[plan.load_id] = ids
+            for b in ids:
+                self._loading_count[b] = self._loading_count.get(b, 0) + 1
 
     # ------------------------------------------------------------ the plan
     def build_connector_meta(self, so: SchedulerOutput) -> AIBrixConnectorMetadata:
@@ -132,9 +145,10 @@ class AIBrixScheduler:
         request = self._requests.get(req_id)
         if request is None:
             return
-        self.planner.prepare_stores(
-            req_id, request.all_token_ids, computed_after, len(self._block_ids.get(req_id, []))
-        )
+        block_ids = self._block_ids.get(req_id, [])
+        if self._loading_count and any(b in self._loading_count for b in block_ids):
+            return  # see _loading_blocks
+        self.planner.prepare_stores(req_id, request.all_token_ids, computed_after, len(block_ids))
 
     def _translate(self, step: StepPlan) -> AIBrixConnectorMetadata:
         meta = AIBrixConnectorMetadata(l2_before=step.l2_before, l2_after=step.l2_after)
@@ -162,7 +176,16 @@ class AIBrixScheduler:
             return
         for load_id, per_rank in meta.loaded.items():
             for rank, n in per_rank.items():
-                self.planner.report_load(load_id, rank, n)
+                if self.planner.report_load(load_id, rank, n) is not None:
+                    self._load_resolved(load_id)
+
+    def _load_resolved(self, load_id: int) -> None:
+        for b in self._loading_blocks.pop(load_id, []):
+            left = self._loading_count[b] - 1
+            if left:
+                self._loading_count[b] = left
+            else:
+                del self._loading_count[b]
 
     def request_finished(self, request: Request) -> None:
         req_id = request.request_id
