@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from vllm_aibrix.core.config import CacheConfig, ConfigError
 from vllm_aibrix.core.keys import Namespace
+from vllm_aibrix.vllm.copy import SLOT_FORMAT
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -59,7 +60,9 @@ def engine_info(
             f"block_size_tokens={config.block_size_tokens}: the connector currently "
             f"needs cache blocks equal to the engine block size ({engine_block}); use 0"
         )
-    slot_bytes = int(spec.page_size_bytes) * len(group.layer_names)
+    # Slots hold the KV bytes only, not the padding some specs add to a page.
+    page = int(getattr(spec, "real_page_size_bytes", spec.page_size_bytes))
+    slot_bytes = page * len(group.layer_names)
     num_slots = config.l1_capacity_bytes // slot_bytes
     if num_slots < 1:
         raise ConfigError(
@@ -73,6 +76,7 @@ def engine_info(
             str(kv_cache_config.kv_cache_layout),
             f"h{spec.num_kv_heads}x{spec.head_size}",
             f"L{len(group.layer_names)}",
+            SLOT_FORMAT,  # byte order of a slot: a new format never reads an old one
         ]
     )
     ns = Namespace(

@@ -87,13 +87,18 @@ class FileFaults(LoadFaults):
 def perturb_blocks(layers: Sequence[Any], block_ids: Sequence[int]) -> None:
     """Add 1.0 to every KV element of ``block_ids`` in every layer (tests only).
 
-    ``layers`` are :class:`~vllm_aibrix.vllm.copy.LayerView` objects, each with
-    the engine ``tensor`` and its ``block_dim``.
+    ``layers`` are :class:`~vllm_aibrix.vllm.copy.LayerView` objects; their
+    ``manager_blocks`` view indexes the engine's (manager) blocks along
+    ``block_dim``. Float8 KV has no arithmetic: its bytes are flipped instead.
     """
     if not block_ids:
         return
     for lv in layers:
-        t: torch.Tensor = lv.tensor
+        t: torch.Tensor = lv.manager_blocks
+        if t.element_size() == 1:
+            t = t.view(torch.uint8)
+            idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=t.device)
+            t.index_copy_(lv.block_dim, idx, t.index_select(lv.block_dim, idx) ^ 0x40)
+            continue
         idx = torch.as_tensor(list(block_ids), dtype=torch.long, device=t.device)
-        dim = int(getattr(lv, "block_dim", 1))
-        t.index_add_(dim, idx, torch.ones_like(t.index_select(dim, idx)))
+        t.index_add_(lv.block_dim, idx, torch.ones_like(t.index_select(lv.block_dim, idx)))

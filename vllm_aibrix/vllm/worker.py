@@ -45,6 +45,7 @@ class _InflightLoad:
         self.deadline = deadline
         self.lock = threading.Lock()
         self.cancelled = False
+        self.fence: Any = None  # a CUDA event from the forward thread, or None
         self.future: Future[tuple[int, list[int]]] | None = None
 
 
@@ -113,9 +114,13 @@ class AIBrixWorker:
         assert self.buffer is not None
         # Evicted slots leave for L2 before anything in this step writes slots.
         self._ship_to_l2(meta.l2_before)
+        fence = self.layout.fence() if meta.loads and self.layout is not None else None
         for spec in meta.loads:
             if spec.is_async:
                 job = _InflightLoad(spec, time.monotonic() + self.config.load_deadline_s)
+                # The load thread's copies must follow the GPU work queued so
+                # far on the forward thread (its own current stream does not).
+                job.fence = fence
                 job.future = self.executor.submit(self._load, spec, job)
                 self._inflight[spec.load_id] = job
             else:
@@ -154,7 +159,16 @@ class AIBrixWorker:
         with job.lock if job is not None else contextlib.nullcontext():
             if job is not None and job.cancelled:
                 return 0, list(spec.block_ids)
-            self.layout.scatter(self.buffer.tensor, spec.slots[:ok], spec.block_ids[:ok])
+            handle = self.layout.scatter(
+                self.buffer.tensor,
+                spec.slots[:ok],
+                spec.block_ids[:ok],
+                after=job.fence if job is not None else None,
+            )
+            if job is not None:
+                # An async load is reported done only once its copies are;
+                # a sync one is ordered before the forward by the copy event.
+                handle.wait()
             if ok and self.faults.corrupt(self.rank, spec.req_id):
                 # Sensitivity check for tests: perturb what was loaded, report success.
                 perturb_blocks(self.layout.layers, spec.block_ids[:ok])
@@ -177,6 +191,9 @@ class AIBrixWorker:
             return 0
         keys = [k for k in spec.l2_keys[lo:hi] if k is not None]
         slots = spec.slots[lo:hi]
+        if self.layout is not None:
+            # The host is about to write slot rows a queued copy may still read.
+            self.layout.synchronize()
         if job is None:
             return self._count_l2(
                 self.l2.get_blocks(keys, self._l2_rank, [self.buffer.slot(s) for s in slots])
@@ -264,7 +281,9 @@ class AIBrixWorker:
             t0 = time.perf_counter()
             slots = [s for st in meta.stores for s in st.slots]
             blocks = [b for st in meta.stores for b in st.block_ids]
-            self.layout.gather(blocks, self.buffer.tensor, slots)
+            # The slot bytes exist only once the copy is done (D2H on CUDA);
+            # the L2 writes below read them on the host.
+            self.layout.gather(blocks, self.buffer.tensor, slots).wait()
             with self._lock:
                 self.counters.add("store_bytes", len(slots) * self.info.slot_bytes)
                 self.counters.add("store_seconds", time.perf_counter() - t0)
