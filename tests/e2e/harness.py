@@ -11,7 +11,7 @@ import json
 import os
 import random
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,19 +26,42 @@ from vllm_aibrix.bench._engine import shutdown as shutdown
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL_CACHE = REPO / ".cache" / "tiny-llama-fp32"  # float32: see scripts/make_tiny_model.py
+GEMMA2_CACHE = REPO / ".cache" / "tiny-gemma2-fp32"  # sliding-window layers
 LOGPROB_ATOL = 1e-3
 
 prompt_tokens = random_tokens  # the name the test modules use
 
 
-def tiny_model() -> str:
-    """Path of the tiny local model, built on first use."""
+def _builder(name: str) -> Any:
     sys.path.insert(0, str(REPO / "scripts"))
     try:
-        from make_tiny_model import build
+        import make_tiny_model
     finally:
         sys.path.pop(0)
-    return str(build(MODEL_CACHE))
+    return getattr(make_tiny_model, name)
+
+
+def tiny_model() -> str:
+    """Path of the tiny local model, built on first use."""
+    return str(_builder("build")(MODEL_CACHE))
+
+
+def tiny_gemma2() -> str:
+    """Path of the tiny Gemma-2 (alternating sliding-window/full layers), built on first use."""
+    return str(_builder("build_gemma2")(GEMMA2_CACHE))
+
+
+def block_bytes(model: str, block: int = BLOCK, dtype_bytes: int = 4) -> int:
+    """Bytes of one KV block of ``model`` (all layers, K and V, TP=1, float32).
+
+    ``layers * 2 * kv_heads * head_dim * block * dtype_bytes``: what one L1
+    slot holds, so ``n * block_bytes(model) / 2**30`` GiB of
+    ``l1_cache_capacity_gb`` is room for exactly ``n`` blocks.
+    """
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    return int(cfg["num_hidden_layers"]) * 2 * int(kv_heads) * int(head_dim) * block * dtype_bytes
 
 
 @contextlib.contextmanager
@@ -59,12 +82,17 @@ class Completion:
     num_cached_tokens: int
 
 
-def generate(llm: Any, prompts: Sequence[Sequence[int]], max_tokens: int = 6) -> list[Completion]:
+def generate(
+    llm: Any, prompts: Sequence[Sequence[int] | Mapping[str, Any]], max_tokens: int = 6
+) -> list[Completion]:
+    """Greedy completions; a prompt is token ids or a vLLM prompt dict (e.g. ``prompt_embeds``)."""
     from vllm import SamplingParams, TokensPrompt
 
     sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=0, ignore_eos=True)
     outs = llm.generate(
-        [TokensPrompt(prompt_token_ids=list(p)) for p in prompts], sp, use_tqdm=False
+        [p if isinstance(p, Mapping) else TokensPrompt(prompt_token_ids=list(p)) for p in prompts],
+        sp,
+        use_tqdm=False,
     )
     result = []
     for o in outs:
