@@ -137,6 +137,14 @@ class SimConfig:
     # test_scenarios.py). True emulates a vLLM that evicts them from its
     # prefix cache, so the simulation can look for the connector's own faults.
     vllm_evicts_invalid_blocks: bool = True
+    # vLLM 0.32: when an async load fails with nothing usable, the request
+    # frees its blocks but (a) stays at the head of the queue of requests
+    # holding KV, which is scheduled first and stops at the first request that
+    # does not fit, and (b) stays in the in-flight-prefill set, so its own
+    # reservation (the blocks of its whole sequence) counts against its
+    # re-admission. Either can stall the engine for good (test_scenarios.py).
+    # True emulates a vLLM that treats such a request as a new one.
+    vllm_forgets_failed_async_loads: bool = True
     extra: dict[str, Any] = field(default_factory=dict)  # connector config overrides
 
     @property
@@ -660,7 +668,7 @@ class Sim:
 
     def abort(self, req_id: str) -> None:
         st = self.live.get(req_id)
-        if st is None:
+        if st is None or st.req.is_finished():
             return
         status = st.req.status
         self.scheduler.finish_requests(req_id, RequestStatus.FINISHED_ABORTED)
@@ -743,6 +751,8 @@ class Sim:
             ex.step = self.step_no
         before = {rid: st.req.num_preemptions for rid, st in self.live.items()}
         so = self.scheduler.schedule()
+        if self.cfg.vllm_forgets_failed_async_loads:
+            self._forget_failed_async_loads()
         preempted = [r for r, n in before.items() if self.live[r].req.num_preemptions > n]
         if preempted:
             self.counts["preemptions"] += len(preempted)
@@ -841,6 +851,23 @@ class Sim:
         )
         self._after_step(so, findings, aborted_now, reported)
         return True
+
+    def _forget_failed_async_loads(self) -> None:
+        sched = self.scheduler
+        gone = [
+            r
+            for r in sched.kv_holding_waiting
+            if r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+            and not Scheduler._holds_kv_blocks(r)
+        ]
+        for r in reversed(gone):
+            sched.kv_holding_waiting.remove_request(r)
+            sched.waiting.prepend_request(r)
+        for r in list(sched._inflight_prefills):
+            if r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED) and not any(
+                sched.kv_cache_manager.get_block_ids(r.request_id)[0]
+            ):
+                sched._inflight_prefills.discard(r)
 
     def _scrub_free_blocks(self) -> None:
         """Fill engine blocks that are free and not in vLLM's prefix cache with NaN.
@@ -1108,7 +1135,8 @@ class Sim:
         """No request left: nothing may be pinned, pending, tracked or queued."""
         self.counts["idle_checks"] += 1
         ps = fakes.pool_state(self.sched_conn)
-        leaks = {k: ps[k] for k in ("slots_pinned", "pending_keys", "trackers") if ps.get(k)}
+        held = ("slots_pinned", "pending_keys", "loads", "trackers")
+        leaks = {k: ps[k] for k in held if ps.get(k)}
         if leaks:
             self.fail(f"IDLE: the connector still holds {leaks} with no request left ({ps})")
         queued = [len(ex) for ex in self.executors]
@@ -1125,7 +1153,8 @@ class Sim:
         while self.step():
             n += 1
             if n > max_steps:
-                self.fail(f"not idle after {max_steps} steps: live={list(self.live)}")
+                stuck = {rid: st.req.status.name for rid, st in self.live.items()}
+                self.fail(f"LIVENESS: not idle after {max_steps} steps; left: {stuck}")
         if not self.is_idle():
             self.fail("step() stopped but the scheduler still holds requests")
         self.check_idle()

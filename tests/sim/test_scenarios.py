@@ -361,6 +361,71 @@ def _failed_sync_load_then_abort(sim: Sim) -> str:
     return serve(sim, p)
 
 
+_FAILED_ASYNC_LOAD = (
+    "vLLM 0.32: after an async load fails with nothing usable, the request frees its "
+    "blocks but stays in _inflight_prefills, so its own reservation (its whole "
+    "sequence) counts against its re-admission, and it stays at the head of "
+    "kv_holding_waiting, which is scheduled first and stops at the first request that "
+    "does not fit. A request needing more than half the cache, or one behind which "
+    "another holds the blocks it needs, is never admitted again: the engine stalls. "
+    "Only a load failure (a connector's) gets a request there."
+)
+
+
+@pytest.mark.xfail(strict=True, raises=SimViolation, reason=_FAILED_ASYNC_LOAD)
+def test_stock_vllm_never_readmits_a_large_request_whose_async_load_failed(
+    sims: list[Sim],
+) -> None:
+    sim = make(sims, tp=1, num_gpu_blocks=16, l1_slots=16, vllm_forgets_failed_async_loads=False)
+    _failed_async_load_of_a_large_request(sim)
+
+
+def test_a_vllm_that_forgets_failed_async_loads_readmits_the_large_request(
+    sims: list[Sim],
+) -> None:
+    sim = make(sims, tp=1, num_gpu_blocks=16, l1_slots=16, vllm_forgets_failed_async_loads=True)
+    _failed_async_load_of_a_large_request(sim)
+
+
+def _failed_async_load_of_a_large_request(sim: Sim) -> None:
+    p = prompt(50, 9)  # 10 of the engine's 15 blocks
+    serve(sim, p)
+    assert sim.reset_prefix_cache()
+    sim.faults.fail_once(rank=None, ok_blocks=0)
+    sim.add_request(p, 1)
+    sim.run_until_idle(max_steps=60)
+
+
+@pytest.mark.xfail(strict=True, raises=SimViolation, reason=_FAILED_ASYNC_LOAD)
+def test_stock_vllm_deadlocks_after_a_failed_async_load_under_memory_pressure(
+    sims: list[Sim],
+) -> None:
+    sim = make(sims, tp=1, num_gpu_blocks=16, l1_slots=16, vllm_forgets_failed_async_loads=False)
+    _failed_async_load_then_pressure(sim)
+
+
+def test_a_vllm_that_forgets_failed_async_loads_finishes_both_requests(
+    sims: list[Sim],
+) -> None:
+    sim = make(sims, tp=1, num_gpu_blocks=16, l1_slots=16, vllm_forgets_failed_async_loads=True)
+    _failed_async_load_then_pressure(sim)
+
+
+def _failed_async_load_then_pressure(sim: Sim) -> None:
+    a_prompt, q = prompt(42, 4), prompt(43, 3, extra=0)
+    serve(sim, a_prompt)
+    serve(sim, q + prompt(44, 0))
+    assert sim.reset_prefix_cache()
+    sim.faults.fail_once(rank=None, ok_blocks=0)
+    sim.add_request(a_prompt, 1)  # A: its load fails
+    b = sim.add_request(q + prompt(45, 3, extra=8), 1)  # B: a 3-block hit, 56 new tokens
+    sim.timing.hold(b)
+    for _ in range(3):
+        sim.step()
+    sim.timing.release(b)
+    sim.run_until_idle(max_steps=80)
+
+
 # --------------------------------------------------- the harness can see faults
 def test_the_harness_catches_a_load_that_writes_wrong_kv(sims: list[Sim]) -> None:
     sim = make(sims, tp=2, l2=False)
