@@ -27,8 +27,10 @@ __all__ = [
     "LoadFaults",
     "LoadPlan",
     "ManualExecutor",
+    "StepClock",
     "drop_shared_memory_l2",
     "flush_l2",
+    "inflight_loads",
     "install_executor",
     "install_faults",
     "l1_valid_entries",
@@ -144,6 +146,11 @@ def worker_rank(conn: Any) -> int:
     return int(_worker(conn).rank)
 
 
+def inflight_loads(conn: Any) -> int:
+    """Async loads the worker still tracks (submitted, not yet reported)."""
+    return len(_worker(conn)._inflight)
+
+
 def flush_l2(conn: Any) -> None:
     """Wait until the worker's queued L2 writes are in the backend.
 
@@ -241,6 +248,45 @@ def store_plans(meta: Any) -> list[tuple[str, list[int], list[int]]]:
         (str(st.req_id), [int(s) for s in st.slots], [int(b) for b in st.block_ids])
         for st in getattr(meta, "stores", ())
     ]
+
+
+# -------------------------------------------------------------------- clock
+class StepClock:
+    """A monotonic clock the simulation advances: one second per engine step.
+
+    Installed as the worker module's ``time.monotonic`` so load deadlines
+    (``load_deadline_s``) expire after a chosen number of steps, not of
+    wall-clock seconds. One process-wide patch, counted, for all simulations.
+    """
+
+    now = 0.0
+    _users = 0
+    _patch: Any = None
+
+    @classmethod
+    def acquire(cls) -> None:
+        if cls._users == 0:
+            import time
+            import types
+
+            from vllm_aibrix.vllm import worker
+
+            proxy = types.SimpleNamespace(
+                monotonic=lambda: cls.now,
+                perf_counter=time.perf_counter,
+                time=time.time,
+                sleep=time.sleep,
+            )
+            cls._patch = mock.patch.object(worker, "time", proxy)
+            cls._patch.start()
+        cls._users += 1
+
+    @classmethod
+    def release(cls) -> None:
+        cls._users -= 1
+        if cls._users == 0 and cls._patch is not None:
+            cls._patch.stop()
+            cls._patch = None
 
 
 # ------------------------------------------------------------------ shared L2

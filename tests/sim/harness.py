@@ -145,6 +145,9 @@ class SimConfig:
     # re-admission. Either can stall the engine for good (test_scenarios.py).
     # True emulates a vLLM that treats such a request as a new one.
     vllm_forgets_failed_async_loads: bool = True
+    # Load deadline in engine steps (the workers see a clock that advances one
+    # second per step); None = no deadline ever expires.
+    load_deadline_steps: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # connector config overrides
 
     @property
@@ -215,9 +218,10 @@ def connector_extra_config(cfg: SimConfig, l2: dict[str, Any] | None = None) -> 
         "l2_cache_backend": "NONE",
         "l2_cache_ingestion_type": cfg.ingestion,
         "load_async": cfg.load_async,
-        # Nothing may depend on wall-clock time: huge deadlines.
+        # Nothing may depend on wall-clock time: huge L2 timeouts; load
+        # deadlines count engine steps (see StepClock).
         "l2_cache_op_timeout_ms": 600_000,
-        "load_deadline_s": 1e6,
+        "load_deadline_s": float(cfg.load_deadline_steps or 1e9),
         "metrics_enabled": False,
     }
     extra.update(l2 or {})
@@ -465,6 +469,9 @@ class Sim:
         self.workers: list[AIBrixOffloadingConnector] = []
         self.kv: list[list[np.ndarray]] = []  # [rank][layer] numpy views of the KV tensors
         self._tensors: list[dict[str, torch.Tensor]] = []
+        self._clock = cfg.load_deadline_steps is not None
+        if self._clock:
+            fakes.StepClock.acquire()
         with l2_ctx:
             self._build_halves()
         if cfg.vllm_evicts_invalid_blocks:
@@ -728,6 +735,7 @@ class Sim:
 
     # ----------------------------------------------------------------- step
     def _run_jobs(self, phase: int) -> None:
+        fakes.StepClock.now = float(self.step_no)
         for ex in self.executors:
             ex.step = self.step_no
             rank = ex.rank
@@ -1139,9 +1147,14 @@ class Sim:
         leaks = {k: ps[k] for k in held if ps.get(k)}
         if leaks:
             self.fail(f"IDLE: the connector still holds {leaks} with no request left ({ps})")
-        queued = [len(ex) for ex in self.executors]
-        if any(queued):
-            self.fail(f"IDLE: load jobs still queued per rank: {queued}")
+        tracked = [fakes.inflight_loads(w) for w in self.workers]
+        if any(tracked):
+            self.fail(f"IDLE: workers still track async loads per rank: {tracked}")
+        # Loads abandoned at their deadline may still be running; let them end
+        # (they must not write anything: later checks would see it).
+        fakes.StepClock.now = float(self.step_no)
+        for ex in self.executors:
+            ex.run()
         bp = self.scheduler.kv_cache_manager.block_pool
         free = bp.get_num_free_blocks()
         if free != bp.num_gpu_blocks - 1:
@@ -1166,6 +1179,9 @@ class Sim:
         self.sched_conn.shutdown()
         if self._own_l2 is not None:
             fakes.drop_shared_memory_l2(self._own_l2)
+        if self._clock:
+            self._clock = False
+            fakes.StepClock.release()
 
 
 def random_tokens(rng: random.Random, n: int) -> list[int]:

@@ -37,14 +37,15 @@ def _seeds(spec: str) -> list[int]:
     return out
 
 
-SEEDS = _seeds(os.environ.get("AIBRIX_SIM_SEEDS", "1"))
+SEEDS = _seeds(os.environ.get("AIBRIX_SIM_SEEDS", "1,2"))
 
 PROFILES: dict[str, tuple[SimConfig, Workload]] = {
     # Preemption (16 engine blocks), chunked prefill (64-token steps), a
     # 12-slot L1, an unbounded L2, occasional faults.
     "default": (SimConfig(num_gpu_blocks=16), Workload(max_tokens=(1, 16))),
     # A 4-slot L1 with a plain recency policy, an L2 that evicts shard by
-    # shard, frequent faults and resets, loads up to 6 steps late.
+    # shard, frequent faults and resets, loads up to 6 steps late and a load
+    # deadline of 4 steps (late loads are abandoned and recomputed).
     "stress": (
         SimConfig(
             num_gpu_blocks=16,
@@ -52,6 +53,7 @@ PROFILES: dict[str, tuple[SimConfig, Workload]] = {
             policy="LRU",
             prefix_aware=False,
             l2_capacity_values=40,
+            load_deadline_steps=4,
         ),
         Workload(
             max_tokens=(1, 16),

@@ -148,6 +148,26 @@ def test_a_load_that_fails_on_one_rank_while_the_other_is_still_loading_is_agree
     assert computed_only_the_tail(sim, rid, 2)
 
 
+def test_a_load_abandoned_at_its_deadline_never_writes_into_blocks_given_to_another_request(
+    sims: list[Sim],
+) -> None:
+    sim = make(sims, tp=2, l2=False, num_gpu_blocks=12, load_deadline_steps=3)
+    p = prompt(60, 5)
+    serve(sim, p)
+    assert sim.reset_prefix_cache()
+    late = sim.add_request(p, 2)
+    sim.timing.hold(late, {1})  # rank 1 stalls; rank 0 is done at once
+    while not sim.scheduler.finished_recving_kv_req_ids:
+        sim.step()  # until rank 1 gives up at the deadline and the load is reported failed
+    sim.abort(late)  # its blocks go back to the pool at once
+    other = sim.add_request(prompt(61, 9), 4)  # takes nearly every block, those among them
+    sim.step()
+    sim.timing.release(late)  # the stalled load ends now; it must write nothing
+    sim.run_until_idle()  # every later read of the other request is checked
+    assert sim.requests[other].req.is_finished()
+    assert len(sim.loads_of(late)) == 1
+
+
 # --------------------------------------------------------- aborts and leaks
 @pytest.mark.parametrize("ranks", [None, {1}], ids=["both-ranks-loading", "rank1-loading"])
 def test_a_request_aborted_while_its_async_load_is_in_flight_leaks_no_pins(
