@@ -308,15 +308,19 @@ def shared_memory_l2(
         backend.capacity_bytes = capacity_bytes
         entries = {"l2_cache_backend": "MEMORY", "memory_store_name": name}
         return entries, backend, contextlib.nullcontext()
-    backend = MemoryBackend(capacity_bytes=capacity_bytes)
+    backend = _FALLBACK_STORES.setdefault(name, MemoryBackend(capacity_bytes=capacity_bytes))
     ctx = mock.patch("vllm_aibrix.core.l2.store.create_backend", lambda config: backend)
     return {"l2_cache_backend": "MEMORY"}, backend, ctx
+
+
+_FALLBACK_STORES: dict[str, MemoryBackend] = {}
 
 
 def drop_shared_memory_l2(name: str) -> None:
     """Forget a shared in-process L2 (the simulation is over)."""
     from vllm_aibrix.core.l2 import memory
 
+    _FALLBACK_STORES.pop(name, None)
     if hasattr(memory, "_SHARED"):
         with memory._SHARED_LOCK:
             memory._SHARED.pop(name, None)
