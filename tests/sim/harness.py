@@ -134,17 +134,20 @@ class SimConfig:
     # failed *sync* load (and the blocks computed over them in that step) in
     # its prefix cache, counting on the request to recompute them before
     # anyone reads them; a preemption in between serves them as hits (see
-    # test_scenarios.py). True emulates a vLLM that evicts them from its
-    # prefix cache, so the simulation can look for the connector's own faults.
-    vllm_evicts_invalid_blocks: bool = True
+    # test_scenarios.py). The connector evicts them itself (through the block
+    # pool vLLM binds to it), so the default runs stock vLLM; True emulates a
+    # vLLM that does it on its own.
+    vllm_evicts_invalid_blocks: bool = False
     # vLLM 0.32: when an async load fails with nothing usable, the request
     # frees its blocks but (a) stays at the head of the queue of requests
     # holding KV, which is scheduled first and stops at the first request that
     # does not fit, and (b) stays in the in-flight-prefill set, so its own
     # reservation (the blocks of its whole sequence) counts against its
-    # re-admission. Either can stall the engine for good (test_scenarios.py).
-    # True emulates a vLLM that treats such a request as a new one.
-    vllm_forgets_failed_async_loads: bool = True
+    # re-admission. Either could stall the engine for good while the connector
+    # promised the same hit again (test_scenarios.py); it no longer does, so the
+    # default runs stock vLLM. True emulates a vLLM that treats such a request
+    # as a new one.
+    vllm_forgets_failed_async_loads: bool = False
     # Load deadline in engine steps (the workers see a clock that advances one
     # second per step); None = no deadline ever expires.
     load_deadline_steps: int | None = None

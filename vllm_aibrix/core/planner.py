@@ -133,6 +133,9 @@ class _Request:
     next_store_block: int = 0
     loads: dict[int, _Load] = field(default_factory=dict)
     finished: bool = False
+    # After a failed load, never promise more than it delivered: otherwise a
+    # hit that keeps failing (e.g. no slot to place it) is retried forever.
+    max_hit_blocks: int | None = None
 
 
 class TierPlanner:
@@ -212,11 +215,16 @@ class TierPlanner:
             del self._requests[req_id]
 
     # ------------------------------------------------------------ lookups
-    def lookup(self, req_id: str, tokens: Sequence[int], max_blocks: int) -> Lookup:
+    def lookup(
+        self, req_id: str, tokens: Sequence[int], max_blocks: int, start_block: int = 0
+    ) -> Lookup:
         """Leading blocks of ``tokens[: max_blocks * B]`` held by L1, then L2.
 
-        No side effects on the cache: the policy sees the access in
-        :meth:`prepare_load`, when the engine actually admits the request.
+        ``start_block``: blocks before it the engine has already; they count
+        for the prefix but need no slot. The hit is capped at what L1 can
+        place now (a load goes through slots), and after a failed load at what
+        that load delivered. No side effects on the cache: the policy sees the
+        access in :meth:`prepare_load`, when the engine admits the request.
         """
         req = self._requests[req_id]
         if not req.cacheable or max_blocks <= 0:
@@ -228,13 +236,33 @@ class TierPlanner:
         n = n1
         if self.l2 is not None and n1 < len(keys):
             end = n1
-            while (
-                end < len(keys) and keys[end] not in self._l2_bad and keys[end] not in self._filling
-            ):
+            bad, filling = self._l2_bad, self._filling
+            while end < len(keys) and keys[end] not in bad and keys[end] not in filling:
                 end += 1
             if end > n1:
                 n += self.l2.exists_prefix(keys[n1:end], self.ranks)
-        return Lookup(n1, n)
+        n = self._placeable(keys, start_block, n)
+        if req.max_hit_blocks is not None:
+            n = min(n, req.max_hit_blocks)
+        return Lookup(min(n1, n), n)
+
+    def _placeable(self, keys: Sequence[Key], start: int, n: int) -> int:
+        """The longest prefix ``<= n`` whose blocks from ``start`` on fit in L1 at once.
+
+        Every block of a load holds its own slot, pinned: one resident and
+        already pinned costs nothing new, any other block takes one of the
+        slots not pinned now.
+        """
+        room = self.l1.num_slots - self.l1.allocator.num_pinned
+        alloc = self.l1.allocator
+        for i in range(start, n):
+            slot = self.l1.slot_of(keys[i])
+            if slot is not None and alloc.is_pinned(slot):
+                continue
+            room -= 1
+            if room < 0:
+                return i
+        return n
 
     def _l1_prefix(self, keys: Sequence[Key]) -> int:
         i = 0
@@ -353,6 +381,8 @@ class TierPlanner:
             self.counters.add("load_failures")
             self.counters.add("load_failed_blocks", planned - agreed)
             req.next_store_block = min(req.next_store_block, plan.first_block + agreed)
+            cap = plan.first_block + agreed
+            req.max_hit_blocks = cap if req.max_hit_blocks is None else min(req.max_hit_blocks, cap)
         del req.loads[plan.load_id]
         del self._load_owner[plan.load_id]
         if req.finished and not req.loads:

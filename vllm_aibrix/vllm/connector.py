@@ -168,6 +168,12 @@ class AIBrixOffloadingConnector(KVConnectorBase_V1):
             return {}
         return {CacheHitSource.HOST: num_external_tokens}
 
+    def bind_gpu_block_pool(self, gpu_block_pool: Any) -> None:
+        # Lets the scheduler half drop the blocks of a failed load from
+        # vLLM's prefix cache (see AIBrixScheduler._evict_from_vllm).
+        if self._scheduler is not None:
+            self._scheduler.block_pool = gpu_block_pool
+
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         return self._scheduler.build_connector_meta(scheduler_output)
 

@@ -74,6 +74,7 @@ class AIBrixScheduler:
         # resolved: it might store KV computed from wrong context.
         self._loading_blocks: dict[int, list[int]] = {}  # load id -> block ids
         self._loading_count: dict[int, int] = {}  # block id -> loads writing it
+        self.block_pool: Any = None  # vLLM's BlockPool, bound by the connector
 
     def _open(self, request: Request) -> None:
         if self.planner.is_open(request.request_id):
@@ -94,8 +95,8 @@ class AIBrixScheduler:
         self._open(request)
         # At least one token must be computed so the engine can sample.
         max_blocks = max(0, (request.num_tokens - 1) // self.B)
-        found = self.planner.lookup(request.request_id, request.all_token_ids, max_blocks)
         start = num_computed_tokens // self.B
+        found = self.planner.lookup(request.request_id, request.all_token_ids, max_blocks, start)
         self._start_block[request.request_id] = start
         ext = found.hit_blocks * self.B - num_computed_tokens
         if found.hit_blocks <= start or ext <= 0 or ext < self.config.min_hit_tokens:
@@ -176,16 +177,40 @@ class AIBrixScheduler:
             return
         for load_id, per_rank in meta.loaded.items():
             for rank, n in per_rank.items():
-                if self.planner.report_load(load_id, rank, n) is not None:
-                    self._load_resolved(load_id)
+                outcome = self.planner.report_load(load_id, rank, n)
+                if outcome is not None:
+                    self._load_resolved(load_id, outcome.agreed)
 
-    def _load_resolved(self, load_id: int) -> None:
+    def _load_resolved(self, load_id: int, agreed: int) -> None:
+        blocks = self._loading_blocks.get(load_id, [])
+        if agreed < len(blocks):
+            self._evict_from_vllm(set(blocks[agreed:]))
         for b in self._loading_blocks.pop(load_id, []):
             left = self._loading_count[b] - 1
             if left:
                 self._loading_count[b] = left
             else:
                 del self._loading_count[b]
+
+    def _evict_from_vllm(self, failed: set[int]) -> None:
+        """Drop blocks a failed load left unfilled from vLLM's prefix cache.
+
+        With ``kv_load_failure_policy=recompute`` vLLM 0.32 keeps them cached
+        (sync loads cache their blocks at allocation) and counts on the
+        requests recomputing them; a request aborted or preempted first would
+        leave them to be served as prefix hits. Blocks that requests computed
+        after them, over them, go too. Requests still holding them recompute
+        as before; only the cache entry is dropped.
+        """
+        if self.block_pool is None:
+            return
+        doomed = set(failed)
+        for ids in self._block_ids.values():
+            for i, b in enumerate(ids):
+                if b in failed:
+                    doomed.update(ids[i:])
+                    break
+        self.block_pool.evict_blocks(doomed)
 
     def request_finished(self, request: Request) -> None:
         req_id = request.request_id
