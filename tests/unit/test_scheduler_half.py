@@ -330,7 +330,7 @@ def test_a_request_sharing_blocks_with_an_unresolved_sync_load_stores_nothing() 
     # vLLM's prefix cache hands the blocks being loaded to a second request
     # in the same step; if the load fails, what it computes over them is wrong.
     sharer = Req(toks(1, 2) + toks(7, 2))
-    sharer_blocks = lblocks[:2] + [40, 41, 42]
+    sharer_blocks = [*lblocks[:2], 40, 41, 42]
     admit(s, sharer, computed=2 * B)
     meta = step(s, (sharer, sharer_blocks, 2 * B, len(sharer.all_token_ids) - 2 * B))
     assert meta.loads and not meta.stores
