@@ -17,9 +17,7 @@ Run longer locally::
 
 from __future__ import annotations
 
-import logging
 import os
-from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
@@ -94,16 +92,6 @@ def _cases() -> list[object]:
                             )
                         )
     return cases
-
-
-@pytest.fixture(autouse=True)
-def _quiet_vllm() -> Iterator[None]:
-    # vLLM logs every recovered load failure; thousands of them drown pytest -ra.
-    log = logging.getLogger("vllm")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    yield
-    log.setLevel(level)
 
 
 @pytest.mark.parametrize(("profile", "tp", "ingestion", "load_async", "seed"), _cases())

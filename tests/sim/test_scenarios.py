@@ -8,7 +8,6 @@ at idle); the assertions here add what the scenario is about.
 from __future__ import annotations
 
 import itertools
-import logging
 import random
 from collections.abc import Iterator
 
@@ -22,15 +21,6 @@ from vllm_aibrix.core.l2 import codec
 
 B = 16
 _names = itertools.count()
-
-
-@pytest.fixture(autouse=True)
-def _quiet_vllm() -> Iterator[None]:
-    log = logging.getLogger("vllm")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    yield
-    log.setLevel(level)
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from vllm_aibrix.core.keys import Key, Namespace, chain_hashes
 from vllm_aibrix.core.l2.backend import L2BackendBase
 from vllm_aibrix.core.l2.store import L2Store
 from vllm_aibrix.core.memory import SlotBuffer
-from vllm_aibrix.core.planner import LoadPlan, TierPlanner
+from vllm_aibrix.core.planner import LoadPlan, TierPlanner, fill_prefix
 
 
 def as_block_bytes(kv: torch.Tensor, block_bytes: int) -> torch.Tensor:
@@ -221,25 +221,14 @@ class KVCacheManager:
     # -- plan execution ------------------------------------------------------------------
     def _fill(self, plan: LoadPlan) -> int:
         """Fetch the plan's L2 blocks into their slots; returns the good leading count."""
-        n = 0
-        while n < len(plan.slots) and plan.slots[n] >= 0:
-            n += 1
-        i = 0
-        while i < n:
-            if plan.l2_keys[i] is None:
-                i += 1
-                continue
-            j = i
-            while j < n and plan.l2_keys[j] is not None:
-                j += 1
-            keys = cast(list[bytes], plan.l2_keys[i:j])
-            got = 0
-            if self.l2 is not None:
-                got = self.l2.get_blocks(keys, 0, [self.buffer.slot(s) for s in plan.slots[i:j]])
-            if got < j - i:
-                return i + got
-            i = j
-        return n
+
+        def fetch(lo: int, hi: int) -> int:
+            if self.l2 is None:
+                return 0
+            keys = cast(list[bytes], plan.l2_keys[lo:hi])
+            return self.l2.get_blocks(keys, 0, [self.buffer.slot(s) for s in plan.slots[lo:hi]])
+
+        return fill_prefix(plan.slots, plan.l2_keys, fetch)
 
     def _l2_out(self, writes: list[tuple[bytes, int]]) -> None:
         if writes and self.l2 is not None:

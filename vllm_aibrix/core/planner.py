@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -512,6 +512,35 @@ class TierPlanner:
             "loads": sum(len(r.loads) for r in self._requests.values()),
             "trackers": len(self._requests),
         }
+
+
+def fill_prefix(
+    slots: Sequence[int],
+    l2_keys: Sequence[bytes | None],
+    fetch: Callable[[int, int], int],
+) -> int:
+    """Run a load plan's L2 fetches; returns how many leading blocks are good.
+
+    ``fetch(lo, hi)`` fetches blocks ``lo .. hi-1`` (a run of L2 keys) into
+    their slots and returns how many leading ones arrived. The good prefix ends
+    at the first unreserved slot (-1) or the first block a fetch missed; L1
+    blocks (key None) in between are good as they are.
+    """
+    n = 0
+    while n < len(slots) and slots[n] >= 0:
+        n += 1
+    ok = 0
+    while ok < n:
+        if l2_keys[ok] is None:
+            ok += 1
+            continue
+        hi = ok
+        while hi < n and l2_keys[hi] is not None:
+            hi += 1
+        ok += fetch(ok, hi)
+        if ok < hi:
+            break
+    return ok
 
 
 def policy_params(config: CacheConfig) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import torch
 from vllm_aibrix.core.config import CacheConfig, L2Backend
 from vllm_aibrix.core.counters import Counters
 from vllm_aibrix.core.memory import SlotBuffer
+from vllm_aibrix.core.planner import fill_prefix
 from vllm_aibrix.vllm.copy import KVLayout
 from vllm_aibrix.vllm.engine_info import EngineInfo
 from vllm_aibrix.vllm.faults import FileFaults, LoadFaults, NoFaults, perturb_blocks
@@ -140,21 +141,7 @@ class AIBrixWorker:
         doomed = self.faults.l2_keys_to_drop(self.rank, [k for k in spec.l2_keys if k is not None])
         if doomed and self.l2 is not None:
             self.l2.delete(doomed, [self._l2_rank])
-        n = 0
-        while n < len(spec.slots) and spec.slots[n] >= 0:
-            n += 1
-        ok = 0
-        while ok < n:
-            if spec.l2_keys[ok] is None:
-                ok += 1
-                continue
-            hi = ok
-            while hi < n and spec.l2_keys[hi] is not None:
-                hi += 1
-            got = self._fetch_l2(spec, ok, hi, job)
-            ok += got
-            if ok < hi:
-                break
+        ok = fill_prefix(spec.slots, spec.l2_keys, lambda lo, hi: self._fetch_l2(spec, lo, hi, job))
         ok = min(ok, self.faults.loaded_limit(self.rank, spec.req_id, ok))
         with job.lock if job is not None else contextlib.nullcontext():
             if job is not None and job.cancelled:
