@@ -225,6 +225,9 @@ def connector_extra_config(cfg: SimConfig, l2: dict[str, Any] | None = None) -> 
         # deadlines count engine steps (see StepClock).
         "l2_cache_op_timeout_ms": 600_000,
         "load_deadline_s": float(cfg.load_deadline_steps or 1e9),
+        # Background L2 lookups would make runs depend on thread timing; their
+        # "ask again" path is covered by tests/unit/test_scheduler_half.py.
+        "l2_lookup_async": False,
         "metrics_enabled": False,
     }
     extra.update(l2 or {})

@@ -9,6 +9,7 @@ another block.
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,7 @@ from vllm.v1.outputs import KVConnectorOutput
 
 from vllm_aibrix.core.config import CacheConfig
 from vllm_aibrix.core.keys import Namespace, chain_hashes
+from vllm_aibrix.core.planner import TierPlanner
 from vllm_aibrix.vllm.engine_info import EngineInfo
 from vllm_aibrix.vllm.metadata import AIBrixConnectorMetadata, AIBrixWorkerMetadata
 from vllm_aibrix.vllm.scheduler import AIBrixScheduler
@@ -51,7 +53,11 @@ def toks(seed: int, blocks: int, extra: int = 1) -> list[int]:
 def make(
     num_slots: int = 8, *, ingestion: str = "ALL", l2: bool = False, tp: int = 1, **kw: Any
 ) -> AIBrixScheduler:
-    extra: dict[str, Any] = {"l2_cache_ingestion_type": ingestion, **kw}
+    extra: dict[str, Any] = {
+        "l2_cache_ingestion_type": ingestion,
+        "l2_lookup_async": False,
+        **kw,
+    }
     if l2:
         extra.update(l2_cache_backend="MEMORY", memory_store_name=f"sched-{next(_ids)}")
     info = EngineInfo(B, 64, num_slots, tp, NS)
@@ -341,3 +347,57 @@ def test_a_request_sharing_blocks_with_an_unresolved_sync_load_stores_nothing() 
     so.scheduled_cached_reqs.num_computed_tokens = [len(sharer.all_token_ids) - 1]
     so.num_scheduled_tokens = {sharer.request_id: 1}
     assert [b for st in s.build_connector_meta(so).stores for b in st.block_ids] == [40, 41]
+
+
+class _HeldExecutor(Executor):
+    """Runs each submitted call only when the test releases it."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Future[Any], Any]] = []
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
+        fut: Future[Any] = Future()
+        self.pending.append((fut, lambda: fn(*args, **kwargs)))
+        return fut
+
+    def release(self) -> None:
+        jobs, self.pending = self.pending, []
+        for fut, job in jobs:
+            fut.set_result(job())
+
+
+def _async_lookup_scheduler(clock: list[float]) -> tuple[AIBrixScheduler, _HeldExecutor]:
+    s = make(8, l2=True, l2_lookup_async=True, l2_lookup_max_wait_ms=100)
+    held = _HeldExecutor()
+    s.planner = TierPlanner(
+        s.config,
+        num_slots=8,
+        block_tokens=B,
+        l2=s.l2,
+        lookup_executor=held,
+        clock=lambda: clock[0],
+    )
+    return s, held
+
+
+def test_an_l2_lookup_in_flight_makes_vllm_ask_again_instead_of_waiting() -> None:
+    clock = [0.0]
+    s, held = _async_lookup_scheduler(clock)
+    a = Req(toks(1, 3))
+    s.l2.put_blocks(chain_hashes(NS.digest, a.all_token_ids, B), 0, [bytes(64)] * 3)
+    assert s.get_num_new_matched_tokens(a, 0) == (None, False)
+    assert s.get_num_new_matched_tokens(a, 0) == (None, False)  # still one lookup
+    assert len(held.pending) == 1
+    held.release()
+    assert s.get_num_new_matched_tokens(a, 0)[0] == 3 * B
+
+
+def test_an_unanswered_l2_lookup_gives_up_after_the_wait_and_serves_l1() -> None:
+    clock = [0.0]
+    s, _held = _async_lookup_scheduler(clock)
+    a = Req(toks(1, 3))
+    s.l2.put_blocks(chain_hashes(NS.digest, a.all_token_ids, B), 0, [bytes(64)] * 3)
+    assert s.get_num_new_matched_tokens(a, 0)[0] is None
+    clock[0] = 0.5  # past l2_lookup_max_wait_ms
+    assert s.get_num_new_matched_tokens(a, 0) == (0, False)
+    assert s.take_counters().get("l2_lookup_timeouts") == 1

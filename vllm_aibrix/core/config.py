@@ -148,6 +148,23 @@ class CacheConfig:
         default=1000,
         metadata=_meta("L2_CACHE_OP_TIMEOUT_MS", "Timeout of one L2 operation (ms)."),
     )
+    l2_lookup_async: bool = field(
+        default=True,
+        metadata=_meta(
+            "L2_LOOKUP_ASYNC",
+            "Ask L2 which blocks it holds in the background: the scheduler never waits "
+            "on the network; a request whose answer is not in yet is asked about again "
+            "next step.",
+        ),
+    )
+    l2_lookup_max_wait_ms: int = field(
+        default=200,
+        metadata=_meta(
+            "L2_LOOKUP_MAX_WAIT_MS",
+            "How long a request waits for its background L2 lookup before it proceeds "
+            "with what L1 holds (ms).",
+        ),
+    )
     l2_cache_ingestion_max_inflight_mb: float = field(
         default=256.0,
         metadata=_meta(
@@ -307,6 +324,7 @@ class CacheConfig:
         self._check_range("s3fifo_move_to_main_threshold", 1, 3, inclusive=True)
         self._check_positive("block_size_tokens", allow_zero=True)
         self._check_positive("l2_cache_op_timeout_ms", allow_zero=False)
+        self._check_positive("l2_lookup_max_wait_ms", allow_zero=True)
         self._check_positive("l2_cache_ingestion_max_inflight_mb", allow_zero=False)
         self._check_positive("l2_cache_ingestion_batch_size", allow_zero=False)
         self._check_positive("l2_cache_retry_interval_s", allow_zero=False)

@@ -13,6 +13,8 @@ COUNTERS: dict[str, str] = {
     "lookup_tokens": "Prompt tokens looked up",
     "hit_tokens_l1": "Tokens served from the L1 (CPU memory) tier",
     "hit_tokens_l2": "Tokens served from the L2 (remote) tier",
+    "l2_lookup_timeouts": "Background L2 lookups not answered within l2_lookup_max_wait_ms "
+    "(the request went ahead with what L1 holds)",
     "uncacheable_requests": "Requests not cached: their KV depends on more than token ids "
     "(multimodal inputs, prompt embeddings)",
     "stored_blocks": "Blocks written to L1",

@@ -113,8 +113,12 @@ class KVCacheManager:
         self.l2: L2Store | None = None
         if config.l2_backend != L2Backend.NONE or l2_backend is not None:
             self.l2 = L2Store(config, namespace.digest, backend=l2_backend)
+        # The standalone API answers synchronously: its lookups wait for L2.
         self.planner = TierPlanner(
-            config, num_slots=num_slots, block_tokens=self.block_tokens, l2=self.l2
+            config.replace(l2_lookup_async=False),
+            num_slots=num_slots,
+            block_tokens=self.block_tokens,
+            l2=self.l2,
         )
         self.l1 = self.planner.l1
         self.buffer = SlotBuffer(num_slots, block_bytes)
@@ -170,7 +174,9 @@ class KVCacheManager:
             req_id, toks = self._open(tokens)
             try:
                 n = len(toks) // self.block_tokens
-                return self.planner.lookup(req_id, toks, n).hit_blocks * self.block_tokens
+                found = self.planner.lookup(req_id, toks, n)
+                assert found is not None  # synchronous planner
+                return found.hit_blocks * self.block_tokens
             finally:
                 self.planner.finish_request(req_id)
 
@@ -192,7 +198,9 @@ class KVCacheManager:
             req_id, toks = self._open(tokens)
             try:
                 cap = min(len(toks) // self.block_tokens, dst.shape[0])
-                hit = self.planner.lookup(req_id, toks, cap).hit_blocks
+                found = self.planner.lookup(req_id, toks, cap)
+                assert found is not None  # synchronous planner
+                hit = found.hit_blocks
                 plan = self.planner.prepare_load(req_id, 0, hit)
                 step = self.planner.finish_step()
                 self._l2_out(step.l2_before)

@@ -43,8 +43,10 @@ before its bytes left: pins need not outlive the plan for that.
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -127,6 +129,16 @@ class _Load:
 
 
 @dataclass
+class _L2Probe:
+    """A background L2 existence check for ``keys[first : first + len]`` of a request."""
+
+    first: int
+    count: int
+    future: Future[int]
+    deadline: float
+
+
+@dataclass
 class _Request:
     hasher: PrefixHasher
     cacheable: bool
@@ -136,6 +148,7 @@ class _Request:
     # After a failed load, never promise more than it delivered: otherwise a
     # hit that keeps failing (e.g. no slot to place it) is retried forever.
     max_hit_blocks: int | None = None
+    probe: _L2Probe | None = None
 
 
 class TierPlanner:
@@ -149,6 +162,8 @@ class TierPlanner:
         block_tokens: int,
         ranks: Sequence[int] = (0,),
         l2: L2Lookup | None = None,
+        lookup_executor: Executor | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.B = block_tokens
@@ -160,6 +175,14 @@ class TierPlanner:
             prefix_aware=config.l1_prefix_aware_eviction,
         )
         self.l2 = l2
+        # Background L2 lookups (l2_lookup_async): the scheduling path never
+        # waits on the network. Tests substitute an executor they step.
+        self._probe_pool: Executor | None = None
+        if l2 is not None and config.l2_lookup_async:
+            self._probe_pool = lookup_executor or ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="aibrix-lookup"
+            )
+        self._clock = clock
         self.ingestion = config.ingestion
         self.counters = Counters()
         self._requests: dict[str, _Request] = {}
@@ -209,6 +232,7 @@ class TierPlanner:
         req = self._requests.get(req_id)
         if req is None:
             return
+        req.probe = None  # an answer nobody waits for any more
         if req.loads:
             req.finished = True
         else:
@@ -217,7 +241,7 @@ class TierPlanner:
     # ------------------------------------------------------------ lookups
     def lookup(
         self, req_id: str, tokens: Sequence[int], max_blocks: int, start_block: int = 0
-    ) -> Lookup:
+    ) -> Lookup | None:
         """Leading blocks of ``tokens[: max_blocks * B]`` held by L1, then L2.
 
         ``start_block``: blocks before it the engine has already; they count
@@ -225,6 +249,9 @@ class TierPlanner:
         place now (a load goes through slots), and after a failed load at what
         that load delivered. No side effects on the cache: the policy sees the
         access in :meth:`prepare_load`, when the engine admits the request.
+
+        With background L2 lookups, None means "not known yet, ask again"; past
+        ``l2_lookup_max_wait_ms`` the answer is what L1 holds.
         """
         req = self._requests[req_id]
         if not req.cacheable or max_blocks <= 0:
@@ -240,11 +267,42 @@ class TierPlanner:
             while end < len(keys) and keys[end] not in bad and keys[end] not in filling:
                 end += 1
             if end > n1:
-                n += self.l2.exists_prefix(keys[n1:end], self.ranks)
+                got = self._l2_prefix(req, keys, n1, end)
+                if got is None:
+                    return None
+                n = got
         n = self._placeable(keys, start_block, n)
         if req.max_hit_blocks is not None:
             n = min(n, req.max_hit_blocks)
         return Lookup(min(n1, n), n)
+
+    def _l2_prefix(self, req: _Request, keys: Sequence[Key], n1: int, end: int) -> int | None:
+        """End of the hit when L2 continues L1's prefix ``[0, n1)`` over ``keys[n1:end]``."""
+        assert self.l2 is not None
+        if self._probe_pool is None:
+            return n1 + self.l2.exists_prefix(keys[n1:end], self.ranks)
+        probe = req.probe
+        if probe is None:
+            span = list(keys[n1:end])
+            future = self._probe_pool.submit(self.l2.exists_prefix, span, self.ranks)
+            wait_s = self.config.l2_lookup_max_wait_ms / 1000.0
+            probe = req.probe = _L2Probe(n1, len(span), future, self._clock() + wait_s)
+        if not probe.future.done():
+            if self._clock() < probe.deadline:
+                return None
+            req.probe = None
+            self.counters.add("l2_lookup_timeouts")
+            return n1
+        req.probe = None
+        try:
+            present = int(probe.future.result())
+        except Exception:
+            present = 0
+        # The answer covers keys[probe.first : probe.first + present]; it extends
+        # the hit only where it joins what L1 holds now.
+        if probe.first > n1:
+            return n1
+        return max(n1, probe.first + present)
 
     def _placeable(self, keys: Sequence[Key], start: int, n: int) -> int:
         """The longest prefix ``<= n`` whose blocks from ``start`` on fit in L1 at once.
@@ -502,6 +560,11 @@ class TierPlanner:
                 continue
             self._evicted.append((k, slot))
         self._hot.extend(cast(list[Key], events.hot))
+
+    def close(self) -> None:
+        """Stop the background lookup thread."""
+        if self._probe_pool is not None:
+            self._probe_pool.shutdown(wait=False, cancel_futures=True)
 
     def pool_state(self) -> dict[str, int]:
         """Slot/pin/load/request counts; pins, filling and loads are 0 when idle."""

@@ -90,13 +90,19 @@ class AIBrixScheduler:
     # ------------------------------------------------------------ lookups
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
-    ) -> tuple[int, bool]:
-        """How many tokens past ``num_computed_tokens`` the cache can supply."""
+    ) -> tuple[int | None, bool]:
+        """How many tokens past ``num_computed_tokens`` the cache can supply.
+
+        None while the background L2 lookup is not answered: vLLM skips the
+        request this step and asks again.
+        """
         self._open(request)
         # At least one token must be computed so the engine can sample.
         max_blocks = max(0, (request.num_tokens - 1) // self.B)
         start = num_computed_tokens // self.B
         found = self.planner.lookup(request.request_id, request.all_token_ids, max_blocks, start)
+        if found is None:
+            return None, False
         self._start_block[request.request_id] = start
         ext = found.hit_blocks * self.B - num_computed_tokens
         if found.hit_blocks <= start or ext <= 0 or ext < self.config.min_hit_tokens:
@@ -235,5 +241,6 @@ class AIBrixScheduler:
         return True
 
     def shutdown(self) -> None:
+        self.planner.close()
         if self.l2 is not None:
             self.l2.close()
