@@ -122,6 +122,15 @@ def _worker(conn: Any) -> Any:
     return w
 
 
+def install_lookup_executor(conn: Any, executor: Executor, clock: Callable[[], float]) -> None:
+    """Answer the planner's background L2 lookups on ``executor``, timed by ``clock``."""
+    planner = _sched(conn).planner
+    if planner._probe_pool is not None:
+        planner._probe_pool.shutdown(wait=False)
+    planner._probe_pool = executor
+    planner._clock = clock
+
+
 def _sched(conn: Any) -> Any:
     s = conn._scheduler
     assert s is not None, "not a scheduler-role connector"

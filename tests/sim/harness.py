@@ -151,6 +151,11 @@ class SimConfig:
     # Load deadline in engine steps (the workers see a clock that advances one
     # second per step); None = no deadline ever expires.
     load_deadline_steps: int | None = None
+    # Background L2 lookups (l2_lookup_async): None = synchronous; otherwise
+    # each lookup is answered 0..N steps after it was asked (seeded), and a
+    # request stops waiting for its answer after lookup_wait_steps.
+    lookup_delay_steps: int | None = None
+    lookup_wait_steps: int = 3
     extra: dict[str, Any] = field(default_factory=dict)  # connector config overrides
 
     @property
@@ -174,7 +179,8 @@ class SimConfig:
         return (
             f"seed={self.seed} tp={self.tp} ingestion={self.ingestion} "
             f"load_async={self.load_async} l2={self.l2} l1_slots={self.l1_slots} "
-            f"gpu_blocks={self.num_gpu_blocks} policy={self.policy}"
+            f"gpu_blocks={self.num_gpu_blocks} policy={self.policy} "
+            f"lookup_delay={self.lookup_delay_steps}"
         )
 
 
@@ -225,9 +231,10 @@ def connector_extra_config(cfg: SimConfig, l2: dict[str, Any] | None = None) -> 
         # deadlines count engine steps (see StepClock).
         "l2_cache_op_timeout_ms": 600_000,
         "load_deadline_s": float(cfg.load_deadline_steps or 1e9),
-        # Background L2 lookups would make runs depend on thread timing; their
-        # "ask again" path is covered by tests/unit/test_scheduler_half.py.
-        "l2_lookup_async": False,
+        # Background L2 lookups run on a ManualExecutor the simulation steps
+        # (lookup_delay_steps), against the step clock; off = synchronous.
+        "l2_lookup_async": cfg.lookup_delay_steps is not None,
+        "l2_lookup_max_wait_ms": 1000 * cfg.lookup_wait_steps,
         "metrics_enabled": False,
     }
     extra.update(l2 or {})
@@ -475,11 +482,18 @@ class Sim:
         self.workers: list[AIBrixOffloadingConnector] = []
         self.kv: list[list[np.ndarray]] = []  # [rank][layer] numpy views of the KV tensors
         self._tensors: list[dict[str, torch.Tensor]] = []
-        self._clock = cfg.load_deadline_steps is not None
+        self._clock = cfg.load_deadline_steps is not None or cfg.lookup_delay_steps is not None
         if self._clock:
             fakes.StepClock.acquire()
         with l2_ctx:
             self._build_halves()
+        self.lookups: fakes.ManualExecutor | None = None
+        self._lookup_rng = random.Random(cfg.seed ^ 0x10C)
+        if cfg.lookup_delay_steps is not None and cfg.l2:
+            self.lookups = fakes.ManualExecutor()
+            fakes.install_lookup_executor(
+                self.sched_conn, self.lookups, lambda: fakes.StepClock.now
+            )
         if cfg.vllm_evicts_invalid_blocks:
             self._patch_invalid_block_eviction()
         # engine block -> offsets the forward rewrote since it was reported invalid
@@ -751,6 +765,21 @@ class Sim:
 
             ex.run(pick)
 
+    def _answer_lookups(self) -> None:
+        """Answer the background L2 lookups whose (seeded) delay has passed."""
+        fakes.StepClock.now = float(self.step_no)
+        if self.lookups is None:
+            return
+        most = self.cfg.lookup_delay_steps or 0
+
+        def pick(job: Any) -> bool:
+            if job.due is None:
+                job.due = job.submitted_step + self._lookup_rng.randint(0, most)
+            return bool(self.step_no >= job.due)
+
+        self.lookups.step = self.step_no
+        self.lookups.run(pick)
+
     def _flush(self) -> None:
         for w in self.workers:
             fakes.flush_l2(w)
@@ -764,6 +793,7 @@ class Sim:
         for ex in self.executors:
             ex.step = self.step_no
         before = {rid: st.req.num_preemptions for rid, st in self.live.items()}
+        self._answer_lookups()
         so = self.scheduler.schedule()
         if self.cfg.vllm_forgets_failed_async_loads:
             self._forget_failed_async_loads()

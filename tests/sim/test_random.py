@@ -43,7 +43,8 @@ PROFILES: dict[str, tuple[SimConfig, Workload]] = {
     "default": (SimConfig(num_gpu_blocks=16), Workload(max_tokens=(1, 16))),
     # A 4-slot L1 with a plain recency policy, an L2 that evicts shard by
     # shard, frequent faults and resets, loads up to 6 steps late and a load
-    # deadline of 4 steps (late loads are abandoned and recomputed).
+    # deadline of 4 steps (late loads are abandoned and recomputed), L2
+    # lookups answered in the background up to 4 steps late.
     "stress": (
         SimConfig(
             num_gpu_blocks=16,
@@ -52,6 +53,9 @@ PROFILES: dict[str, tuple[SimConfig, Workload]] = {
             prefix_aware=False,
             l2_capacity_values=40,
             load_deadline_steps=4,
+            # Background L2 lookups answered up to 4 steps late; a request
+            # waits at most 3 steps for its answer.
+            lookup_delay_steps=4,
         ),
         Workload(
             max_tokens=(1, 16),
