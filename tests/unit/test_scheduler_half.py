@@ -401,3 +401,16 @@ def test_an_unanswered_l2_lookup_gives_up_after_the_wait_and_serves_l1() -> None
     clock[0] = 0.5  # past l2_lookup_max_wait_ms
     assert s.get_num_new_matched_tokens(a, 0) == (0, False)
     assert s.take_counters().get("l2_lookup_timeouts") == 1
+
+
+def test_asking_again_for_an_unanswered_lookup_is_not_counted_as_a_lookup() -> None:
+    clock = [0.0]
+    s, held = _async_lookup_scheduler(clock)
+    a = Req(toks(1, 3))
+    for _ in range(3):
+        assert s.get_num_new_matched_tokens(a, 0)[0] is None
+    held.release()
+    s.get_num_new_matched_tokens(a, 0)
+    counts = s.take_counters()
+    assert counts.get("lookups") == 1
+    assert counts.get("lookup_tokens") == 3 * B

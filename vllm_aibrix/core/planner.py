@@ -257,8 +257,6 @@ class TierPlanner:
         if not req.cacheable or max_blocks <= 0:
             return Lookup(0, 0)
         keys = req.hasher.update(tokens[: max_blocks * self.B])[:max_blocks]
-        self.counters.add("lookups")
-        self.counters.add("lookup_tokens", max_blocks * self.B)
         n1 = self._l1_prefix(keys)
         n = n1
         if self.l2 is not None and n1 < len(keys):
@@ -274,6 +272,9 @@ class TierPlanner:
         n = self._placeable(keys, start_block, n)
         if req.max_hit_blocks is not None:
             n = min(n, req.max_hit_blocks)
+        # Counted once per answer ("ask again" calls are not lookups).
+        self.counters.add("lookups")
+        self.counters.add("lookup_tokens", max_blocks * self.B)
         return Lookup(min(n1, n), n)
 
     def _l2_prefix(self, req: _Request, keys: Sequence[Key], n1: int, end: int) -> int | None:
