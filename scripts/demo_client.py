@@ -142,7 +142,7 @@ class Result:
     """One request of one mode."""
 
     ttft: float
-    reply: str
+    reply: str  # the generated token ids (as JSON), or the text if the server sends none
     prompt_tokens: int
     cached_tokens: int | None  # usage.prompt_tokens_details (--enable-prompt-tokens-details)
     counters: dict[str, float]  # connector counter deltas over this request
@@ -158,13 +158,20 @@ class Prompt:
 
 
 def request(base: str, model: str, api: str, prompt: str, max_tokens: int) -> Result:
-    """Stream one completion (or chat completion) and time its first token."""
+    """Stream one completion (or chat completion) and time its first token.
+
+    TTFT is the arrival of the first chunk that carries a generated token id
+    (``return_token_ids``), not the first text: the byte-level model often
+    starts with bytes that are no complete UTF-8 character yet, and their text
+    only arrives a few decode steps later. The reply is compared as token ids.
+    """
     body: dict[str, Any] = {
         "model": model,
         "max_tokens": max_tokens,
         "temperature": 0.0,
         "stream": True,
         "stream_options": {"include_usage": True},
+        "return_token_ids": True,  # vLLM extension: token ids in every chunk
     }
     if api == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
@@ -181,6 +188,7 @@ def request(base: str, model: str, api: str, prompt: str, max_tokens: int) -> Re
     t0 = time.perf_counter()
     ttft = None
     parts: list[str] = []
+    token_ids: list[int] = []
     usage: dict[str, Any] = {}
     with urllib.request.urlopen(req, timeout=300) as resp:
         for raw in resp:
@@ -192,20 +200,23 @@ def request(base: str, model: str, api: str, prompt: str, max_tokens: int) -> Re
                 break
             chunk = json.loads(payload)
             for choice in chunk.get("choices") or []:
-                text = choice.get("text") if api != "chat" else None
                 if api == "chat":
                     text = (choice.get("delta") or {}).get("content")
-                if text:
-                    if ttft is None:
-                        ttft = time.perf_counter() - t0
-                    parts.append(text)
+                else:
+                    text = choice.get("text")
+                ids = choice.get("token_ids") or []
+                if (ids or text) and ttft is None:
+                    ttft = time.perf_counter() - t0
+                token_ids.extend(int(t) for t in ids)
+                parts.append(text or "")
             if chunk.get("usage"):
                 usage = chunk["usage"]
     details = usage.get("prompt_tokens_details") or {}
     cached = details.get("cached_tokens")
+    text = "".join(parts)
     return Result(
         ttft=ttft if ttft is not None else time.perf_counter() - t0,
-        reply="".join(parts),
+        reply=json.dumps(token_ids) if token_ids else text,
         prompt_tokens=int(usage.get("prompt_tokens", 0)),
         cached_tokens=None if cached is None else int(cached),
         counters={},
