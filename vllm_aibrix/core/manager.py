@@ -176,7 +176,7 @@ class KVCacheManager:
                 n = len(toks) // self.block_tokens
                 found = self.planner.lookup(req_id, toks, n)
                 assert found is not None  # synchronous planner
-                return found.hit_blocks * self.block_tokens
+                return found * self.block_tokens
             finally:
                 self.planner.finish_request(req_id)
 
@@ -198,9 +198,8 @@ class KVCacheManager:
             req_id, toks = self._open(tokens)
             try:
                 cap = min(len(toks) // self.block_tokens, dst.shape[0])
-                found = self.planner.lookup(req_id, toks, cap)
-                assert found is not None  # synchronous planner
-                hit = found.hit_blocks
+                hit = self.planner.lookup(req_id, toks, cap)
+                assert hit is not None  # synchronous planner
                 plan = self.planner.prepare_load(req_id, 0, hit)
                 step = self.planner.finish_step()
                 self._l2_out(step.l2_before)

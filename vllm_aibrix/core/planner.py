@@ -103,14 +103,6 @@ class StepPlan:
 
 
 @dataclass(frozen=True)
-class Lookup:
-    """Leading blocks held by L1 alone, and by L1 then L2."""
-
-    l1_blocks: int
-    hit_blocks: int
-
-
-@dataclass(frozen=True)
 class LoadOutcome:
     """A load every rank has reported: ``agreed`` leading blocks are good."""
 
@@ -130,10 +122,9 @@ class _Load:
 
 @dataclass
 class _L2Probe:
-    """A background L2 existence check for ``keys[first : first + len]`` of a request."""
+    """A background L2 existence check of a request's keys from ``first`` on."""
 
     first: int
-    count: int
     future: Future[int]
     deadline: float
 
@@ -223,10 +214,6 @@ class TierPlanner:
     def is_open(self, req_id: str) -> bool:
         return req_id in self._requests
 
-    def keys(self, req_id: str, tokens: Sequence[int]) -> list[Key]:
-        """Keys of the full blocks of ``tokens`` (the request's sequence so far)."""
-        return self._requests[req_id].hasher.update(tokens)
-
     def finish_request(self, req_id: str) -> None:
         """The request is done; forgotten once its loads in flight are reported."""
         req = self._requests.get(req_id)
@@ -241,7 +228,7 @@ class TierPlanner:
     # ------------------------------------------------------------ lookups
     def lookup(
         self, req_id: str, tokens: Sequence[int], max_blocks: int, start_block: int = 0
-    ) -> Lookup | None:
+    ) -> int | None:
         """Leading blocks of ``tokens[: max_blocks * B]`` held by L1, then L2.
 
         ``start_block``: blocks before it the engine has already; they count
@@ -255,7 +242,7 @@ class TierPlanner:
         """
         req = self._requests[req_id]
         if not req.cacheable or max_blocks <= 0:
-            return Lookup(0, 0)
+            return 0
         keys = req.hasher.update(tokens[: max_blocks * self.B])[:max_blocks]
         n1 = self._l1_prefix(keys)
         n = n1
@@ -275,7 +262,7 @@ class TierPlanner:
         # Counted once per answer ("ask again" calls are not lookups).
         self.counters.add("lookups")
         self.counters.add("lookup_tokens", max_blocks * self.B)
-        return Lookup(min(n1, n), n)
+        return n
 
     def _l2_prefix(self, req: _Request, keys: Sequence[Key], n1: int, end: int) -> int | None:
         """End of the hit when L2 continues L1's prefix ``[0, n1)`` over ``keys[n1:end]``."""
@@ -287,7 +274,7 @@ class TierPlanner:
             span = list(keys[n1:end])
             future = self._probe_pool.submit(self.l2.exists_prefix, span, self.ranks)
             wait_s = self.config.l2_lookup_max_wait_ms / 1000.0
-            probe = req.probe = _L2Probe(n1, len(span), future, self._clock() + wait_s)
+            probe = req.probe = _L2Probe(n1, future, self._clock() + wait_s)
         if not probe.future.done():
             if self._clock() < probe.deadline:
                 return None
@@ -367,7 +354,6 @@ class TierPlanner:
                     # block and the rest are recomputed.
                     break
                 slot = placed
-                self._from_l2[slot] = 0  # until the fill is reported good
                 self.l1.pin([k])
                 self._filling.add(k)
                 l2_keys.append(k)
@@ -484,7 +470,6 @@ class TierPlanner:
                 self.counters.add("store_skipped_blocks", full - i)
                 break
             self._l2_bad.pop(k, None)
-            self._from_l2[slot] = 0
             self.l1.pin([k])
             self._step_pins.append(slot)
             self._step_stored.append(k)
@@ -545,8 +530,14 @@ class TierPlanner:
     # ----------------------------------------------------------- internals
     def _insert(self, key: Key, parent: Key | None) -> int | None:
         events = self.l1.insert([key], parent=parent)
-        self._absorb(events)
-        return events.placed[0][1] if events.placed else None
+        self._absorb(events)  # reads the victim's from-L2 flag before it is reused
+        if not events.placed:
+            return None
+        slot = events.placed[0][1]
+        # A new key's bytes come from the engine or from a fill not yet
+        # reported good; _complete sets the flag once it is.
+        self._from_l2[slot] = 0
+        return slot
 
     def _absorb(self, events: L1Events, skip: set[Key] | None = None) -> None:
         for ik, slot in events.evicted:
@@ -557,8 +548,7 @@ class TierPlanner:
             if k in self._filling or (skip is not None and k in skip):
                 continue
             if self._from_l2[slot]:
-                self._from_l2[slot] = 0  # L2 has it already
-                continue
+                continue  # L2 has it already
             self._evicted.append((k, slot))
         self._hot.extend(cast(list[Key], events.hot))
 

@@ -100,12 +100,12 @@ class AIBrixScheduler:
         # At least one token must be computed so the engine can sample.
         max_blocks = max(0, (request.num_tokens - 1) // self.B)
         start = num_computed_tokens // self.B
-        found = self.planner.lookup(request.request_id, request.all_token_ids, max_blocks, start)
-        if found is None:
+        hit = self.planner.lookup(request.request_id, request.all_token_ids, max_blocks, start)
+        if hit is None:
             return None, False
         self._start_block[request.request_id] = start
-        ext = found.hit_blocks * self.B - num_computed_tokens
-        if found.hit_blocks <= start or ext <= 0 or ext < self.config.min_hit_tokens:
+        ext = hit * self.B - num_computed_tokens
+        if hit <= start or ext <= 0 or ext < self.config.min_hit_tokens:
             return 0, False
         return ext, self.config.load_async
 
@@ -160,13 +160,12 @@ class AIBrixScheduler:
     def _translate(self, step: StepPlan) -> AIBrixConnectorMetadata:
         meta = AIBrixConnectorMetadata(l2_before=step.l2_before, l2_after=step.l2_after)
         for ld in step.loads:
-            ids = self._block_ids[ld.req_id]
             meta.loads.append(
                 LoadSpec(
                     load_id=ld.load_id,
                     req_id=ld.req_id,
                     slots=ld.slots,
-                    block_ids=ids[ld.first_block : ld.first_block + len(ld.slots)],
+                    block_ids=self._loading_blocks[ld.load_id],
                     l2_keys=ld.l2_keys,
                     is_async=self.config.load_async,
                 )
@@ -188,10 +187,10 @@ class AIBrixScheduler:
                     self._load_resolved(load_id, outcome.agreed)
 
     def _load_resolved(self, load_id: int, agreed: int) -> None:
-        blocks = self._loading_blocks.get(load_id, [])
+        blocks = self._loading_blocks.pop(load_id, [])
         if agreed < len(blocks):
             self._evict_from_vllm(set(blocks[agreed:]))
-        for b in self._loading_blocks.pop(load_id, []):
+        for b in blocks:
             left = self._loading_count[b] - 1
             if left:
                 self._loading_count[b] = left
