@@ -9,7 +9,6 @@ another block.
 from __future__ import annotations
 
 import itertools
-from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
 from vllm.v1.outputs import KVConnectorOutput
 
+from tests.unit.held_executor import HeldExecutor
 from vllm_aibrix.core.config import CacheConfig
 from vllm_aibrix.core.keys import Namespace, chain_hashes
 from vllm_aibrix.core.planner import TierPlanner
@@ -349,26 +349,9 @@ def test_a_request_sharing_blocks_with_an_unresolved_sync_load_stores_nothing() 
     assert [b for st in s.build_connector_meta(so).stores for b in st.block_ids] == [40, 41]
 
 
-class _HeldExecutor(Executor):
-    """Runs each submitted call only when the test releases it."""
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[Future[Any], Any]] = []
-
-    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Future[Any]:
-        fut: Future[Any] = Future()
-        self.pending.append((fut, lambda: fn(*args, **kwargs)))
-        return fut
-
-    def release(self) -> None:
-        jobs, self.pending = self.pending, []
-        for fut, job in jobs:
-            fut.set_result(job())
-
-
-def _async_lookup_scheduler(clock: list[float]) -> tuple[AIBrixScheduler, _HeldExecutor]:
+def _async_lookup_scheduler(clock: list[float]) -> tuple[AIBrixScheduler, HeldExecutor]:
     s = make(8, l2=True, l2_lookup_async=True, l2_lookup_max_wait_ms=100)
-    held = _HeldExecutor()
+    held = HeldExecutor()
     s.planner = TierPlanner(
         s.config,
         num_slots=8,
@@ -388,7 +371,7 @@ def test_an_l2_lookup_in_flight_makes_vllm_ask_again_instead_of_waiting() -> Non
     assert s.get_num_new_matched_tokens(a, 0) == (None, False)
     assert s.get_num_new_matched_tokens(a, 0) == (None, False)  # still one lookup
     assert len(held.pending) == 1
-    held.release()
+    held.run_all()
     assert s.get_num_new_matched_tokens(a, 0)[0] == 3 * B
 
 
@@ -409,7 +392,7 @@ def test_asking_again_for_an_unanswered_lookup_is_not_counted_as_a_lookup() -> N
     a = Req(toks(1, 3))
     for _ in range(3):
         assert s.get_num_new_matched_tokens(a, 0)[0] is None
-    held.release()
+    held.run_all()
     s.get_num_new_matched_tokens(a, 0)
     counts = s.take_counters()
     assert counts.get("lookups") == 1

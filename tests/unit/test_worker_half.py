@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Callable
-from concurrent.futures import Executor, Future
 from typing import Any
 
 import torch
 
+from tests.unit.held_executor import HeldExecutor
 from vllm_aibrix.core.config import CacheConfig
 from vllm_aibrix.core.keys import Namespace
 from vllm_aibrix.core.l2.store import L2Store
@@ -23,23 +22,6 @@ LAYERS = ("layer.0", "layer.1")
 SLOT_BYTES = len(LAYERS) * HEADS * BLOCK * 2 * HEAD * 4  # float32
 NS = Namespace(model="m", block_size=BLOCK)
 _names = itertools.count()
-
-
-class ManualExecutor(Executor):
-    """Runs submitted jobs only when the test says so."""
-
-    def __init__(self) -> None:
-        self.jobs: list[tuple[Future[Any], Callable[[], Any]]] = []
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        fut: Future[Any] = Future()
-        self.jobs.append((fut, lambda: fn(*args, **kwargs)))
-        return fut
-
-    def run_all(self) -> None:
-        jobs, self.jobs = self.jobs, []
-        for fut, job in jobs:
-            fut.set_result(job())
 
 
 def make_worker(
@@ -131,7 +113,7 @@ def test_an_unreserved_slot_ends_the_loaded_prefix() -> None:
 
 def test_an_async_load_past_its_deadline_is_failed_and_never_writes_late() -> None:
     w = make_worker(load_deadline_s=0.01)
-    manual = ManualExecutor()
+    manual = HeldExecutor()
     w.executor = manual
     store_blocks(w, [0], [0], seed=3)
     spec = LoadSpec(4, "r", [0], [9], [None], is_async=True)
