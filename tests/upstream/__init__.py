@@ -1,0 +1,1 @@
+"""Upstream regression: our vLLM patches and scheduler contract against every supported release."""
