@@ -359,6 +359,8 @@ class Progress:
     def __init__(self, total: int, desc: str) -> None:
         self.total, self.desc, self.n = total, desc, 0
         self._bar: Any = None
+        if not total:
+            return
         try:
             from tqdm import tqdm
 
@@ -528,7 +530,10 @@ def run_phases(
         if phase not in phases:
             continue
         before = settled_scrape(server.base)
-        bar = Progress(_phase_size(plan, phase, requests), f"{label}:{phase}")
+        # vllm bench serve draws its own progress bar (into its log).
+        bar = Progress(
+            0 if phase == "random" else _phase_size(plan, phase, requests), f"{label}:{phase}"
+        )
         extra: dict[str, Any] = {}
         try:
             if phase == "multiround" and plan.multiround is not None:
