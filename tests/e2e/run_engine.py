@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,8 @@ def main() -> None:
         for batch in spec.get("batches") or []:
             if batch.get("reset"):
                 assert llm.reset_prefix_cache()
+            if batch.get("sleep_s"):
+                time.sleep(float(batch["sleep_s"]))  # let background work end first
             hooks.set(**(batch.get("hooks") or {}))
             try:
                 outs = generate(llm, batch["prompts"], max_tokens=int(spec.get("max_tokens", 6)))

@@ -3,8 +3,8 @@
 Two configurations (vLLM alone and our L1) on the long-document workload with
 the tiny test model: two documents of ~650 tokens against an engine KV space
 of 10 blocks (1,280 tokens, less than the two documents), so the query round
-finds part of each document evicted from vLLM's prefix cache and L1 serves it. Most of the time is the
-two server starts.
+finds part of each document evicted from vLLM's prefix cache and L1 serves
+it. Most of the time is the two server starts.
 """
 
 from __future__ import annotations

@@ -28,15 +28,18 @@ __all__ = [
     "LoadPlan",
     "ManualExecutor",
     "StepClock",
+    "abandoned_loads",
     "drop_shared_memory_l2",
     "flush_l2",
     "inflight_loads",
     "install_executor",
     "install_faults",
+    "install_store_jobs",
     "l1_valid_entries",
     "l2_items",
     "load_plans",
     "namespace_digest",
+    "pending_store_slots",
     "pool_state",
     "request_keys",
     "shared_memory_l2",
@@ -144,6 +147,30 @@ def install_executor(conn: Any, executor: Executor) -> None:
     w.executor = executor
     if old is not executor:
         old.shutdown(wait=False)
+
+
+def install_store_jobs(conn: Any, jobs: Any) -> None:
+    """Make a worker-role connector run its background stores on ``jobs`` (a HeldJobs)."""
+    w = _worker(conn)
+    old = w.store_jobs
+    w.store_jobs = jobs
+    if old is not jobs:
+        old.close()
+
+
+def abandoned_loads(conn: Any) -> int:
+    """Async loads past their deadline whose threads have not finished (slots still held)."""
+    return len(_worker(conn)._abandoned)
+
+
+def pending_store_slots(conn: Any) -> set[int]:
+    """Slots a background store not yet run will write or read."""
+    w = _worker(conn)
+    out: set[int] = set()
+    for p in w._pending_stores:
+        if not w.store_jobs.done(p.ticket):
+            out |= p.slots
+    return out
 
 
 def install_faults(conn: Any, faults: LoadFaults) -> None:

@@ -75,6 +75,7 @@ from vllm.v1.request import Request, RequestStatus
 from vllm.v1.structured_output import StructuredOutputManager
 
 from tests.sim import fakes
+from tests.unit.held_executor import HeldJobs
 from vllm_aibrix.core.keys import PrefixHasher
 from vllm_aibrix.core.l2 import codec
 from vllm_aibrix.core.l2.memory import MemoryBackend
@@ -437,6 +438,8 @@ class Sim:
         self.timing_rng = random.Random(cfg.seed ^ 0x71E)
         self.faults = SimFaults(self.fault_rng)
         self.timing = LoadTiming(self.timing_rng)
+        # When background stores run: a few of the oldest at each phase.
+        self.store_rng = random.Random(cfg.seed ^ 0x570)
         self.step_no = 0
         self.epoch = 0
         self.M = cfg.tp * cfg.num_layers * cfg.elems_per_token
@@ -479,6 +482,7 @@ class Sim:
         self.vllm_config = build_vllm_config(cfg, l2_extra)
         self.vllm_config.cache_config.num_gpu_blocks = cfg.num_gpu_blocks
         self.executors: list[fakes.ManualExecutor] = []
+        self.store_jobs: list[HeldJobs] = []  # per rank
         self.workers: list[AIBrixOffloadingConnector] = []
         self.kv: list[list[np.ndarray]] = []  # [rank][layer] numpy views of the KV tensors
         self._tensors: list[dict[str, torch.Tensor]] = []
@@ -538,6 +542,9 @@ class Sim:
             w.register_kv_caches(tensors)
             ex = fakes.ManualExecutor(rank)
             fakes.install_executor(w, ex)
+            jobs = HeldJobs()
+            fakes.install_store_jobs(w, jobs)
+            self.store_jobs.append(jobs)
             fakes.install_faults(w, self.faults)
             self.workers.append(w)
             self.executors.append(ex)
@@ -764,6 +771,12 @@ class Sim:
                 return self.timing.ready(job, self.step_no, phase, rank)
 
             ex.run(pick)
+        ran = 0
+        for jobs in self.store_jobs:
+            if jobs.queue:
+                ran += jobs.run(self.store_rng.randint(0, len(jobs.queue)))
+        if ran:
+            self._flush()  # their L2 writes, so lookups do not depend on thread timing
 
     def _answer_lookups(self) -> None:
         """Answer the background L2 lookups whose (seeded) delay has passed."""
@@ -801,7 +814,6 @@ class Sim:
         if preempted:
             self.counts["preemptions"] += len(preempted)
             self.note(f"preempted {preempted}")
-        self._scrub_free_blocks()
         for st in self.live.values():
             self._extend(st)
         self._learn_connector_keys()
@@ -832,6 +844,10 @@ class Sim:
         self._run_jobs(0)
         for w in self.workers:
             w.bind_connector_metadata(meta)
+            w.handle_preemptions(meta)
+        # Blocks vLLM freed while scheduling are first overwritten by this
+        # step's forward (the model runner calls handle_preemptions before).
+        self._scrub_free_blocks()
         if so.has_sync_kv_loads:
             for w in self.workers:
                 w.start_load_kv(self._forward_context)  # type: ignore[arg-type]
@@ -1123,10 +1139,16 @@ class Sim:
         return first
 
     def _check_l1(self) -> None:
+        # A slot a background store has yet to write holds old bytes; the
+        # worker waits for the store before anything reads the slot, which
+        # the forward's and L2's checks verify.
+        pending = [fakes.pending_store_slots(w) for w in self.workers]
         for key, slot in fakes.l1_valid_entries(self.sched_conn):
             if key not in self.keymap:
                 self.fail(f"L1: slot {slot} holds key {key.hex()} that no request's tokens give")
-            for w in self.workers:
+            for w, busy in zip(self.workers, pending, strict=True):
+                if slot in busy:
+                    continue
                 rank = fakes.worker_rank(w)
                 bad = self._block_mismatch(key, rank, self._slot_rows(fakes.slot_view(w, slot)))
                 if bad is not None:
@@ -1178,6 +1200,7 @@ class Sim:
     def check_idle(self) -> None:
         """No request left: nothing may be pinned, pending, tracked or queued."""
         self.counts["idle_checks"] += 1
+        self._deliver_abandoned_loads()
         ps = fakes.pool_state(self.sched_conn)
         held = ("slots_pinned", "pending_keys", "loads", "trackers")
         leaks = {k: ps[k] for k in held if ps.get(k)}
@@ -1191,10 +1214,36 @@ class Sim:
         fakes.StepClock.now = float(self.step_no)
         for ex in self.executors:
             ex.run()
+        for jobs in self.store_jobs:
+            jobs.run()
+        self._flush()
+        self._check_l1()  # what those late jobs wrote must not touch a servable slot
+        self._check_l2()
         bp = self.scheduler.kv_cache_manager.block_pool
         free = bp.get_num_free_blocks()
         if free != bp.num_gpu_blocks - 1:
             self.fail(f"IDLE: vLLM block pool has {free} free of {bp.num_gpu_blocks - 1}")
+
+    def _deliver_abandoned_loads(self) -> None:
+        """Let loads abandoned at their deadline end and report, as the next step would.
+
+        Their slots stay reserved until their threads stop; at idle vLLM runs
+        no step that would carry the report, so the simulation hands it over.
+        """
+        if not any(fakes.abandoned_loads(w) for w in self.workers):
+            return
+        for ex in self.executors:
+            ex.run()
+        metas = []
+        for w in self.workers:
+            w.get_finished(set())
+            metas.append(w.build_connector_worker_meta())
+        agg = None
+        for m in metas:
+            if m is not None:
+                agg = m if agg is None else agg.aggregate(m)
+        if agg is not None:
+            self.sched_conn.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=agg))
 
     # ------------------------------------------------------------- helpers
     def run_until_idle(self, max_steps: int = 500) -> int:

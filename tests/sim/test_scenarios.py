@@ -158,6 +158,31 @@ def test_a_load_abandoned_at_its_deadline_never_writes_into_blocks_given_to_anot
     assert len(sim.loads_of(late)) == 1
 
 
+def test_an_l2_fetch_abandoned_at_its_deadline_never_writes_into_slots_given_to_other_blocks(
+    sims: list[Sim],
+) -> None:
+    name = f"scenario-{next(_names)}"
+    p = prompt(62, 4)
+    serve(make(sims, name, ingestion="ALL"), p)
+    sim = make(sims, name, ingestion="ALL", l1_slots=6, num_gpu_blocks=16, load_deadline_steps=3)
+    late = sim.add_request(p, 2)
+    sim.timing.hold(late)  # the L2 fetch stalls on every rank
+    sim.step()
+    for _ in range(10):  # until the deadline: the load is reported failed, vLLM recomputes
+        if sim.requests[late].req.status != RequestStatus.WAITING_FOR_REMOTE_KVS:
+            break
+        sim.step()
+    assert sim.requests[late].req.status != RequestStatus.WAITING_FOR_REMOTE_KVS
+    sim.abort(late)
+    others = [sim.add_request(prompt(63 + i, 3), 12) for i in range(2)]
+    for _ in range(4):
+        sim.step()  # the other requests want L1 slots, those of the stalled load among them
+    sim.timing.release(late)  # the fetch ends now, writing into the slots it was given
+    sim.run_until_idle()  # every L1 slot is checked against its key after each step
+    assert all(sim.requests[r].req.is_finished() for r in others)
+    assert all(sim.loads_of(late)[0].from_l2)
+
+
 # --------------------------------------------------------- aborts and leaks
 @pytest.mark.parametrize("ranks", [None, {1}], ids=["both-ranks-loading", "rank1-loading"])
 def test_a_request_aborted_while_its_async_load_is_in_flight_leaks_no_pins(

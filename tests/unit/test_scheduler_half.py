@@ -397,3 +397,11 @@ def test_asking_again_for_an_unanswered_lookup_is_not_counted_as_a_lookup() -> N
     counts = s.take_counters()
     assert counts.get("lookups") == 1
     assert counts.get("lookup_tokens") == 3 * B
+
+
+def test_the_plan_names_the_requests_whose_blocks_vllm_freed_since_the_last_one() -> None:
+    s = make(8)
+    so = SchedulerOutput.make_empty()
+    so.finished_req_ids = {"done", "aborted"}
+    so.preempted_req_ids = {"preempted"}
+    assert s.build_connector_meta(so).freed == ["aborted", "done", "preempted"]

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from tests.unit.held_executor import HeldExecutor
+from tests.unit.held_executor import HeldExecutor, HeldJobs
 from vllm_aibrix.core.config import CacheConfig
 from vllm_aibrix.core.keys import Namespace
 from vllm_aibrix.core.l2.store import L2Store
@@ -70,6 +70,7 @@ def slot(w: AIBrixWorker, i: int) -> torch.Tensor:
 def store_blocks(w: AIBrixWorker, block_ids: list[int], slots: list[int], seed: int) -> None:
     fill_engine(w, block_ids, seed)
     w.save(AIBrixConnectorMetadata(stores=[StoreSpec("src", slots, block_ids)]))
+    w.store_jobs.wait_all()
 
 
 def key(i: int) -> bytes:
@@ -146,6 +147,7 @@ def test_replicated_kv_is_written_to_l2_by_rank_0_only_and_read_by_every_rank() 
     for w in (r0, r1):
         store_blocks(w, [0], [0], seed=5)
         w.save(AIBrixConnectorMetadata(l2_after=[(key(42), 0)]))
+        w.store_jobs.wait_all()
         l2(w).flush(5.0)
     assert l2(r0).exists_prefix([key(42)], (0,)) == 1
     assert l2(r0).exists_prefix([key(42)], (1,)) == 0
@@ -155,3 +157,80 @@ def test_replicated_kv_is_written_to_l2_by_rank_0_only_and_read_by_every_rank() 
     )
     assert r1.take_load_errors() == set()
     assert torch.equal(engine_blocks(r1, [7])[0], want[0])
+
+
+# ------------------------------------------------------- background stores
+def held_worker(**kw: Any) -> tuple[AIBrixWorker, HeldJobs]:
+    w = make_worker(**kw)
+    jobs = HeldJobs()
+    w.store_jobs.close()
+    w.store_jobs = jobs
+    return w, jobs
+
+
+def test_a_store_is_left_to_the_background_and_the_step_returns_at_once() -> None:
+    w, jobs = held_worker()
+    fill_engine(w, [3], seed=1)
+    slot(w, 0).fill_(7)
+    w.save(AIBrixConnectorMetadata(stores=[StoreSpec("r", [0], [3])]))
+    assert len(jobs.queue) == 1
+    assert bool((slot(w, 0) == 7).all())  # not copied yet
+    jobs.run()
+    assert torch.equal(slot(w, 0).view(torch.float32).view(-1), engine_blocks(w, [3])[0].view(-1))
+
+
+def test_a_load_from_a_slot_waits_for_the_store_still_writing_it() -> None:
+    w, jobs = held_worker()
+    fill_engine(w, [3], seed=2)
+    w.save(AIBrixConnectorMetadata(stores=[StoreSpec("r", [0], [3])]))
+    spec = LoadSpec(1, "q", [0], [7], [None], is_async=False)
+    w.start_load(AIBrixConnectorMetadata(loads=[spec]))
+    assert not jobs.queue
+    assert torch.equal(engine_blocks(w, [7])[0], engine_blocks(w, [3])[0])
+
+
+def test_a_load_of_other_slots_does_not_wait_for_a_store() -> None:
+    w, jobs = held_worker()
+    store_blocks(w, [1], [1], seed=3)
+    fill_engine(w, [3], seed=4)
+    w.save(AIBrixConnectorMetadata(stores=[StoreSpec("r", [0], [3])]))
+    w.start_load(AIBrixConnectorMetadata(loads=[LoadSpec(1, "q", [1], [7], [None], False)]))
+    assert len(jobs.queue) == 1
+
+
+def test_a_freed_requests_store_finishes_before_the_forward_may_reuse_its_blocks() -> None:
+    w, jobs = held_worker()
+    fill_engine(w, [3], seed=5)
+    w.save(AIBrixConnectorMetadata(stores=[StoreSpec("r", [0], [3])]))
+    w.handle_preemptions(AIBrixConnectorMetadata(freed=["other"]))
+    assert len(jobs.queue) == 1
+    w.handle_preemptions(AIBrixConnectorMetadata(freed=["r"]))
+    assert not jobs.queue
+
+
+def test_start_load_also_orders_stores_before_a_freed_requests_blocks_are_reused() -> None:
+    w, jobs = held_worker()
+    fill_engine(w, [3], seed=6)
+    w.save(AIBrixConnectorMetadata(stores=[StoreSpec("r", [0], [3])]))
+    w.start_load(AIBrixConnectorMetadata(freed=["r"]))
+    assert not jobs.queue
+
+
+def test_a_failed_background_store_stops_the_next_step() -> None:
+    w, jobs = held_worker()
+    w.save(AIBrixConnectorMetadata(stores=[StoreSpec("r", [0], [NUM_BLOCKS + 5])]))
+    jobs.run()
+    try:
+        w.start_load(AIBrixConnectorMetadata())
+    except RuntimeError as e:
+        assert "background copy job failed" in str(e)
+    else:
+        raise AssertionError("a failed store must not be ignored")
+
+
+def test_synchronous_stores_are_done_when_save_returns() -> None:
+    w, jobs = held_worker(store_async=False)
+    fill_engine(w, [3], seed=7)
+    w.save(AIBrixConnectorMetadata(stores=[StoreSpec("r", [0], [3])]))
+    assert not jobs.queue
+    assert torch.equal(slot(w, 0).view(torch.float32).view(-1), engine_blocks(w, [3])[0].view(-1))

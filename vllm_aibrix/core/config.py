@@ -291,6 +291,14 @@ class CacheConfig:
             "Load hits through vLLM's WAITING_FOR_REMOTE_KVS path instead of in the step.",
         ),
     )
+    store_async: bool = field(
+        default=True,
+        metadata=_meta(
+            "STORE_ASYNC",
+            "Copy computed blocks into L1 (and on to L2) in the background while the "
+            "next step runs; a finished request's blocks are freed once they are read.",
+        ),
+    )
     min_hit_tokens: int = field(
         default=0,
         metadata=_meta(

@@ -30,6 +30,8 @@ COUNTERS: dict[str, str] = {
     "load_seconds": "Seconds spent loading",
     "store_bytes": "Bytes copied from the engine into L1",
     "store_seconds": "Seconds spent storing",
+    "store_wait_seconds": "Seconds the forward thread waited for background stores "
+    "(a slot or a freed block they still use was needed)",
     "l2_get_blocks": "Block shards fetched from L2",
     "l2_put_blocks": "Block shards submitted to L2",
     "l2_errors": "Failed or timed-out L2 operations",

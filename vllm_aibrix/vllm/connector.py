@@ -129,6 +129,10 @@ class AIBrixOffloadingConnector(KVConnectorBase_V1):
         assert isinstance(meta, AIBrixConnectorMetadata)
         self._worker.save(meta)
 
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        assert isinstance(kv_connector_metadata, AIBrixConnectorMetadata)
+        self._worker.handle_preemptions(kv_connector_metadata)
+
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         done = self._worker.poll_finished()
         return None, (done or None)
@@ -183,6 +187,8 @@ class AIBrixOffloadingConnector(KVConnectorBase_V1):
     def request_finished(
         self, request: Request, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
+        # Never delays the free: a store still reading the blocks is ordered
+        # before the next forward that could reuse them (see AIBrixWorker).
         self._scheduler.request_finished(request)
         return False, None
 

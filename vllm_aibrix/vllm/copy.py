@@ -541,6 +541,11 @@ class KVLayout:
                     st.engine(b, k).copy_(st.slots(buf, s, k))
 
     # -------------------------------------------------------- API
+    @property
+    def on_device(self) -> bool:
+        """True when the KV lives on a CUDA device (copies are queued, not done on return)."""
+        return self._cuda
+
     def fence(self) -> torch.cuda.Event | None:
         """An event on this thread's current CUDA stream (None on the CPU).
 

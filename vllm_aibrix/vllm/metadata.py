@@ -49,12 +49,17 @@ class AIBrixConnectorMetadata(KVConnectorMetadata):
     Workers execute it in this order: ``l2_before`` (slots -> L2, before
     anything in the step writes slots: evicted blocks), ``loads``, the forward
     pass, ``stores``, then ``l2_after`` (slots -> L2: inserted or hot blocks).
+    With asynchronous stores the last two run in the background, in step
+    order; ``freed`` names the requests whose blocks vLLM freed since the
+    previous plan (finished, aborted or preempted): this step's forward may
+    overwrite those blocks, so stores still reading them must finish first.
     """
 
     loads: list[LoadSpec] = field(default_factory=list)
     stores: list[StoreSpec] = field(default_factory=list)
     l2_before: list[tuple[bytes, int]] = field(default_factory=list)
     l2_after: list[tuple[bytes, int]] = field(default_factory=list)
+    freed: list[str] = field(default_factory=list)
 
 
 @dataclass

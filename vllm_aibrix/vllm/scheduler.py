@@ -146,7 +146,11 @@ class AIBrixScheduler:
             self._plan_stores(
                 req_id, cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(req_id, 0)
             )
-        return self._translate(self.planner.finish_step())
+        meta = self._translate(self.planner.finish_step())
+        # Blocks freed since the last plan may be reused by this step's
+        # forward; the workers finish background stores reading them first.
+        meta.freed = sorted(set(so.finished_req_ids) | set(so.preempted_req_ids or ()))
+        return meta
 
     def _plan_stores(self, req_id: str, computed_after: int) -> None:
         request = self._requests.get(req_id)

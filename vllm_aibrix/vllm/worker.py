@@ -16,15 +16,17 @@ import logging
 import threading
 import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from vllm_aibrix.core.config import CacheConfig, L2Backend
 from vllm_aibrix.core.counters import Counters
+from vllm_aibrix.core.jobs import SerialJobs
 from vllm_aibrix.core.memory import SlotBuffer
 from vllm_aibrix.core.planner import fill_prefix
-from vllm_aibrix.vllm.copy import KVLayout
+from vllm_aibrix.vllm.copy import CopyHandle, KVLayout
 from vllm_aibrix.vllm.engine_info import EngineInfo
 from vllm_aibrix.vllm.faults import FileFaults, LoadFaults, NoFaults, perturb_blocks
 from vllm_aibrix.vllm.metadata import AIBrixConnectorMetadata, AIBrixWorkerMetadata, LoadSpec
@@ -35,10 +37,14 @@ logger = logging.getLogger(__name__)
 class _InflightLoad:
     """An async load and the lock that decides whether it may still write.
 
-    A load that outlives its deadline is reported failed (vLLM recomputes its
-    blocks) and cancelled; the load thread checks ``cancelled`` under the lock
-    right before it writes into engine blocks, so a late load can never
-    overwrite blocks that vLLM has already handed to the recompute.
+    A load that outlives its deadline is reported failed to vLLM at once (it
+    recomputes the blocks) and cancelled; the load thread checks
+    ``cancelled`` under the lock right before it writes into engine blocks,
+    so a late load can never overwrite blocks that vLLM has already handed to
+    the recompute. Its L2 fetches write straight into the load's L1 slots, so
+    the planner is told about the failure only once the thread has stopped:
+    until then it keeps those slots reserved (pinned, being filled) and
+    cannot give them to another block.
     """
 
     def __init__(self, spec: LoadSpec, deadline: float) -> None:
@@ -50,8 +56,31 @@ class _InflightLoad:
         self.future: Future[tuple[int, list[int]]] | None = None
 
 
+@dataclass
+class _PendingStore:
+    """A background store: the slots it writes or reads, the requests whose blocks it reads."""
+
+    ticket: int
+    slots: set[int]
+    req_ids: set[str]
+    copy: CopyHandle | None  # the queued device copy (CUDA), None on the CPU
+
+
 class AIBrixWorker:
-    """Worker-side logic for one TP rank."""
+    """Worker-side logic for one TP rank.
+
+    Stores (``store_async``) run on one background thread in step order
+    while the next step computes. Two rules keep them from reading or
+    writing the wrong bytes: a step waits for stores using a slot it reads
+    or writes (evictions to L2, loads) before touching it; and before the
+    forward of a step, stores still reading the blocks of requests vLLM freed
+    since the previous step (finished, aborted, preempted: ``meta.freed``)
+    complete -- on CUDA by making the compute stream wait for their copies,
+    with no host sync. The forward is the first thing that may write a freed
+    block, so no block is overwritten while a store reads it, and vLLM frees
+    blocks at once (delaying the free through ``request_finished`` would hold
+    them until a later engine step, which offline ``LLM`` use may never run).
+    """
 
     def __init__(
         self,
@@ -61,6 +90,7 @@ class AIBrixWorker:
         *,
         faults: LoadFaults | None = None,
         executor: Executor | None = None,
+        store_jobs: SerialJobs | None = None,
     ) -> None:
         self.config = config
         self.info = info
@@ -83,6 +113,10 @@ class AIBrixWorker:
             max_workers=1, thread_name_prefix="aibrix-load"
         )
         self._inflight: dict[int, _InflightLoad] = {}  # load id -> async load
+        self._abandoned: dict[int, _InflightLoad] = {}  # past the deadline, thread running
+        # Background stores; the scheduler simulation substitutes jobs it runs by hand.
+        self.store_jobs = store_jobs or SerialJobs("aibrix-store")
+        self._pending_stores: list[_PendingStore] = []
         self._errors: set[int] = set()
         self._loaded: dict[int, int] = {}  # load id -> leading blocks loaded
         self._l2_reported: dict[str, int] = {}  # L2Store totals already shipped
@@ -111,8 +145,32 @@ class AIBrixWorker:
         """The rank whose L2 shard this rank reads and writes (0 for replicated KV)."""
         return 0 if self.info.kv_replicated else self.rank
 
+    def handle_preemptions(self, meta: AIBrixConnectorMetadata) -> None:
+        """Before the forward: stores still reading blocks vLLM freed must finish."""
+        self._release_blocks_of(set(meta.freed))
+
+    def _release_blocks_of(self, req_ids: set[str]) -> None:
+        if not req_ids or not self._pending_stores:
+            return
+        done = self.store_jobs.done
+        hits = [p for p in self._pending_stores if not p.req_ids.isdisjoint(req_ids)]
+        hits = [p for p in hits if not done(p.ticket)]
+        if not hits:
+            return
+        if self.layout is not None and self.layout.on_device:
+            for p in hits:
+                if p.copy is not None:
+                    p.copy.wait_stream()  # GPU-side order: the forward queues behind
+            return
+        self._wait_ticket(hits[-1].ticket)
+
     def start_load(self, meta: AIBrixConnectorMetadata) -> None:
         assert self.buffer is not None
+        self.store_jobs.check()
+        touched = {s for _, s in meta.l2_before}
+        touched.update(s for spec in meta.loads for s in spec.slots if s >= 0)
+        self._release_blocks_of(set(meta.freed))  # if handle_preemptions was not called
+        self._wait_stores(touched)
         # Evicted slots leave for L2 before anything in this step writes slots.
         self._ship_to_l2(meta.l2_before)
         fence = self.layout.fence() if meta.loads and self.layout is not None else None
@@ -185,14 +243,11 @@ class AIBrixWorker:
             return self._count_l2(
                 self.l2.get_blocks(keys, self._l2_rank, [self.buffer.slot(s) for s in slots])
             )
-        staging = torch.empty((len(slots), self.info.slot_bytes), dtype=torch.uint8)
-        got = int(self.l2.get_blocks(keys, self._l2_rank, list(staging)))
-        with job.lock:
-            if job.cancelled:
-                return 0
-            for i in range(got):
-                self.buffer.slot(slots[i]).copy_(staging[i])
-        return self._count_l2(got)
+        # Straight into the slots, even once the deadline has passed: the
+        # planner keeps an abandoned load's slots until this thread is done.
+        return self._count_l2(
+            self.l2.get_blocks(keys, self._l2_rank, [self.buffer.slot(s) for s in slots])
+        )
 
     def _count_l2(self, got: int) -> int:
         got = int(got)
@@ -214,6 +269,12 @@ class AIBrixWorker:
     def poll_finished(self) -> set[str]:
         """Async loads finished since the last call (their errors are queued)."""
         done: set[str] = set()
+        for load_id, job in list(self._abandoned.items()):
+            assert job.future is not None
+            if job.future.done():
+                # Only now may the planner reuse the load's slots.
+                del self._abandoned[load_id]
+                self._loaded[load_id] = 0
         now = time.monotonic()
         for load_id, job in list(self._inflight.items()):
             req_id = job.spec.req_id
@@ -237,7 +298,7 @@ class AIBrixWorker:
                     with self._lock:
                         self.counters.add("load_timeouts")
                     self._errors.update(job.spec.block_ids)
-                    self._loaded[load_id] = 0
+                    self._abandoned[load_id] = job
                     done.add(req_id)
                     continue
             del self._inflight[load_id]
@@ -263,6 +324,63 @@ class AIBrixWorker:
 
     # ----------------------------------------------------------- stores
     def save(self, meta: AIBrixConnectorMetadata) -> None:
+        """After the forward: copy this step's new blocks to L1, then its L2 writes."""
+        assert self.buffer is not None and self.layout is not None
+        if not self.config.store_async:
+            self._save_now(meta)
+            return
+        self.store_jobs.check()
+        self._prune_stores()
+        if not meta.stores and not meta.l2_after:
+            return
+        layout, buffer = self.layout, self.buffer
+        slots = [s for st in meta.stores for s in st.slots]
+        blocks = [b for st in meta.stores for b in st.block_ids]
+        handle = None
+        if blocks and layout.on_device:
+            # Queued now, behind this step's forward on the GPU; the job only
+            # waits for it, so the next step's kernels are not held back.
+            handle = layout.gather(blocks, buffer.tensor, slots, after=layout.fence())
+        l2_after = list(meta.l2_after)
+
+        def job() -> None:
+            if blocks:
+                t0 = time.perf_counter()
+                h = handle if handle is not None else layout.gather(blocks, buffer.tensor, slots)
+                h.wait()
+                with self._lock:
+                    self.counters.add("store_bytes", len(slots) * self.info.slot_bytes)
+                    self.counters.add("store_seconds", time.perf_counter() - t0)
+            self._ship_to_l2(l2_after)
+
+        ticket = self.store_jobs.submit(job)
+        used = set(slots)
+        used.update(s for _, s in l2_after)
+        req_ids = {st.req_id for st in meta.stores}
+        self._pending_stores.append(_PendingStore(ticket, used, req_ids, handle))
+
+    def _wait_stores(self, slots: set[int]) -> None:
+        """Wait for the background stores that write or read any of ``slots``."""
+        last = 0
+        for p in self._pending_stores:
+            if not p.slots.isdisjoint(slots):
+                last = p.ticket
+        if last:
+            self._wait_ticket(last)
+
+    def _wait_ticket(self, ticket: int) -> None:
+        if not self.store_jobs.done(ticket):
+            t0 = time.perf_counter()
+            self.store_jobs.wait(ticket)
+            with self._lock:
+                self.counters.add("store_wait_seconds", time.perf_counter() - t0)
+        self._prune_stores()
+
+    def _prune_stores(self) -> None:
+        done = self.store_jobs.done
+        self._pending_stores = [p for p in self._pending_stores if not done(p.ticket)]
+
+    def _save_now(self, meta: AIBrixConnectorMetadata) -> None:
         assert self.buffer is not None and self.layout is not None
         if meta.stores:
             t0 = time.perf_counter()
@@ -294,6 +412,7 @@ class AIBrixWorker:
         return out
 
     def shutdown(self) -> None:
+        self.store_jobs.close()
         self.executor.shutdown(wait=True)
         if self.l2 is not None:
             self.l2.flush(timeout=5.0)
