@@ -30,7 +30,7 @@ apt_install() {
 command -v redis-server >/dev/null 2>&1 || apt_install redis-server
 # Mooncake's store client links against libibverbs/libnuma; its tests build a
 # tiny LD_PRELOAD shim (gcc) that keeps every Mooncake socket on loopback.
-apt_install libibverbs1 libnuma1 gcc libc6-dev
+apt_install libibverbs1 libnuma1 gcc libc6-dev patch
 
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV"
