@@ -71,13 +71,6 @@ class SerialJobs:
             last = self._next - 1
         self.wait(last)
 
-    @property
-    def pending(self) -> int:
-        """Jobs submitted and not yet seen finished."""
-        self._collect()
-        with self._lock:
-            return len(self._futures)
-
     def check(self) -> None:
         """Re-raise the first error a job raised (once seen, it stays)."""
         self._collect()

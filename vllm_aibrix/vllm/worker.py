@@ -199,7 +199,7 @@ class AIBrixWorker:
         doomed = self.faults.l2_keys_to_drop(self.rank, [k for k in spec.l2_keys if k is not None])
         if doomed and self.l2 is not None:
             self.l2.delete(doomed, [self._l2_rank])
-        ok = fill_prefix(spec.slots, spec.l2_keys, lambda lo, hi: self._fetch_l2(spec, lo, hi, job))
+        ok = fill_prefix(spec.slots, spec.l2_keys, lambda lo, hi: self._fetch_l2(spec, lo, hi))
         ok = min(ok, self.faults.loaded_limit(self.rank, spec.req_id, ok))
         with job.lock if job is not None else contextlib.nullcontext():
             if job is not None and job.cancelled:
@@ -224,12 +224,11 @@ class AIBrixWorker:
             self.counters.add("load_seconds", dt)
         return ok, spec.block_ids[ok:]
 
-    def _fetch_l2(self, spec: LoadSpec, lo: int, hi: int, job: _InflightLoad | None = None) -> int:
-        """Fetch this rank's shards of ``spec.l2_keys[lo:hi]`` into their slots.
+    def _fetch_l2(self, spec: LoadSpec, lo: int, hi: int) -> int:
+        """Fetch this rank's shards of ``spec.l2_keys[lo:hi]`` straight into their slots.
 
-        Async loads fetch into private buffers and copy into the slots only if
-        the load was not abandoned meanwhile: an abandoned load's slots go
-        back to the scheduler, which may reuse them at once.
+        Also for an async load past its deadline: the planner keeps an
+        abandoned load's slots reserved until its thread is done.
         """
         assert self.buffer is not None
         if self.l2 is None:
@@ -239,12 +238,6 @@ class AIBrixWorker:
         if self.layout is not None:
             # The host is about to write slot rows a queued copy may still read.
             self.layout.synchronize()
-        if job is None:
-            return self._count_l2(
-                self.l2.get_blocks(keys, self._l2_rank, [self.buffer.slot(s) for s in slots])
-            )
-        # Straight into the slots, even once the deadline has passed: the
-        # planner keeps an abandoned load's slots until this thread is done.
         return self._count_l2(
             self.l2.get_blocks(keys, self._l2_rank, [self.buffer.slot(s) for s in slots])
         )
@@ -333,24 +326,19 @@ class AIBrixWorker:
         self._prune_stores()
         if not meta.stores and not meta.l2_after:
             return
-        layout, buffer = self.layout, self.buffer
         slots = [s for st in meta.stores for s in st.slots]
         blocks = [b for st in meta.stores for b in st.block_ids]
         handle = None
-        if blocks and layout.on_device:
+        if blocks and self.layout.on_device:
             # Queued now, behind this step's forward on the GPU; the job only
             # waits for it, so the next step's kernels are not held back.
-            handle = layout.gather(blocks, buffer.tensor, slots, after=layout.fence())
+            fence = self.layout.fence()
+            handle = self.layout.gather(blocks, self.buffer.tensor, slots, after=fence)
         l2_after = list(meta.l2_after)
 
         def job() -> None:
             if blocks:
-                t0 = time.perf_counter()
-                h = handle if handle is not None else layout.gather(blocks, buffer.tensor, slots)
-                h.wait()
-                with self._lock:
-                    self.counters.add("store_bytes", len(slots) * self.info.slot_bytes)
-                    self.counters.add("store_seconds", time.perf_counter() - t0)
+                self._copy_to_slots(blocks, slots, handle)
             self._ship_to_l2(l2_after)
 
         ticket = self.store_jobs.submit(job)
@@ -381,18 +369,27 @@ class AIBrixWorker:
         self._pending_stores = [p for p in self._pending_stores if not done(p.ticket)]
 
     def _save_now(self, meta: AIBrixConnectorMetadata) -> None:
-        assert self.buffer is not None and self.layout is not None
         if meta.stores:
-            t0 = time.perf_counter()
             slots = [s for st in meta.stores for s in st.slots]
             blocks = [b for st in meta.stores for b in st.block_ids]
-            # The slot bytes exist only once the copy is done (D2H on CUDA);
-            # the L2 writes below read them on the host.
-            self.layout.gather(blocks, self.buffer.tensor, slots).wait()
-            with self._lock:
-                self.counters.add("store_bytes", len(slots) * self.info.slot_bytes)
-                self.counters.add("store_seconds", time.perf_counter() - t0)
+            self._copy_to_slots(blocks, slots)
         self._ship_to_l2(meta.l2_after)
+
+    def _copy_to_slots(
+        self, blocks: list[int], slots: list[int], queued: CopyHandle | None = None
+    ) -> None:
+        """Engine blocks -> slots (or wait for ``queued``, that copy already on the GPU), counted.
+
+        The slot bytes exist only once the copy is done (D2H on CUDA); the L2
+        writes that follow read them on the host.
+        """
+        assert self.buffer is not None and self.layout is not None
+        t0 = time.perf_counter()
+        h = queued if queued is not None else self.layout.gather(blocks, self.buffer.tensor, slots)
+        h.wait()
+        with self._lock:
+            self.counters.add("store_bytes", len(slots) * self.info.slot_bytes)
+            self.counters.add("store_seconds", time.perf_counter() - t0)
 
     def take_counters(self) -> dict[str, float]:
         with self._lock:
