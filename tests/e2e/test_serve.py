@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.harness import BLOCK, LOGPROB_ATOL, REPO, tiny_model
+from vllm_aibrix.bench._serve import stop_process_group
 
 pytestmark = pytest.mark.e2e
 
@@ -118,20 +118,6 @@ class Server:
         return json.loads(raw) if raw.strip().startswith(("{", "[")) else raw
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group, SIGKILL it if it lingers."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     model = tiny_model()
@@ -172,7 +158,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             time.sleep(1.0)
         yield srv
     finally:
-        _stop(proc)
+        stop_process_group(proc)
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,20 @@ def kv_transfer_config(extra: Mapping[str, Any]) -> str:
     return json.dumps({**CONNECTOR, "kv_connector_extra_config": dict(extra)})
 
 
+def stop_process_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGTERM a server started in its own session; SIGKILL its group if it lingers."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
 @dataclass(frozen=True)
 class ServeOptions:
     """What every server of one benchmark run shares (the same model and machine)."""
@@ -192,16 +206,8 @@ class VllmServer:
     def stop(self) -> None:
         """SIGTERM the server's process group; SIGKILL it if it lingers."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
+        if proc is not None:
+            stop_process_group(proc)
 
     def log_text(self) -> str:
         try:
